@@ -1,0 +1,151 @@
+"""download: a variant's sources (URLs, mirrors or local copies) -> verified original tensors and side files.
+
+Every file is fetched (or read in place when local), its sha256 checked against the pin before anything parses it,
+the decoder .pth extracted from its zip, and both checkpoints read without running pickled code. Output, in the
+folder given by --out: `original.safetensors` (every original tensor under its original name, original dtypes),
+`vocab.json` + `merges.txt`, and `image` (the reference image's bytes, unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from . import params as params_mod
+from .errors import PipelineError, run_stage
+from .fetch import FetchPolicy, Fetched, fetch
+from .original import load_clip, load_decoder, extract_member
+from .tensor_io import atomic_output, verify_written, write_json, write_safetensors
+from .tokenizer import check_hf_files, read_bpe_gz, write_hf_files
+
+STAGE = "download"
+
+
+class DownloadError(PipelineError):
+    """The sources do not make a usable set of original files."""
+
+
+def cache_path(cache: Path, url: str) -> Path:
+    """Where a URL's bytes are kept between runs: keyed by the URL, so variants sharing a file fetch it once."""
+    name = Path(urlparse(url).path).name or "download"
+    return cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
+def fetch_all(model: params_mod.Model, policy: FetchPolicy, cache: Path, root: Path) -> dict[str, Fetched]:
+    fetched = {}
+    for name, source in sorted(model.sources.items()):
+        fetched[name] = fetch(name, source.url, source.sha256, cache_path(cache, source.url), policy, root=root)
+        if not fetched[name].pinned:
+            warnings.warn(
+                f"source {name!r} of {model.variant} is not pinned: its sha256 is {fetched[name].sha256}; "
+                f"set models.{model.variant}.sources.{name}.sha256 to it once you trust the file",
+                stacklevel=1,
+            )
+    return fetched
+
+
+def check_finite(tensors: dict[str, torch.Tensor], origin: Path) -> None:
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise DownloadError(f"{origin}: tensor(s) with NaN or Inf values: {bad}. The checkpoint is damaged; fetch it again")
+
+
+def original_tensors(model: params_mod.Model, fetched: dict[str, Fetched], workdir: Path, max_member_bytes: int) -> dict[str, torch.Tensor]:
+    """The CLIP and decoder tensors under their original names, in their original dtypes."""
+    clip = load_clip(fetched["clip"].path, pinned=fetched["clip"].pinned)
+    check_finite(clip, fetched["clip"].path)
+    decoder_file = fetched["decoder"].path
+    member = model.sources["decoder"].member
+    if member:
+        decoder_file = extract_member(decoder_file, member, workdir / member, max_member_bytes)
+    decoder = load_decoder(decoder_file)
+    check_finite(decoder, decoder_file)
+    clash = sorted(clip.keys() & decoder.keys())
+    if clash:
+        raise DownloadError(f"the CLIP and decoder files share key(s) {clash}; is the same file configured twice?")
+    return {name: t.contiguous() for name, t in (clip | decoder).items()}
+
+
+def write_side_files(model: params_mod.Model, fetched: dict[str, Fetched], out: Path) -> None:
+    if "bpe" in fetched and not ("vocab" in fetched and "merges" in fetched):
+        write_hf_files(read_bpe_gz(fetched["bpe"].path), out)
+    else:
+        for name, filename in (("vocab", "vocab.json"), ("merges", "merges.txt")):
+            _copy(fetched[name].path, out / filename)
+    vocab_size = check_hf_files(out / "vocab.json", out / "merges.txt")
+    expected = model.architecture["text"]["vocab_size"]
+    if vocab_size != expected:
+        raise DownloadError(
+            f"the tokenizer has {vocab_size} tokens but models.{model.variant}.architecture.text.vocab_size is {expected}; "
+            "the tokenizer files do not belong to this model"
+        )
+    _check_image(fetched["image"].path)
+    _copy(fetched["image"].path, out / "image")
+
+
+def _check_image(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DownloadError(f"{path}: the image source is not a readable image ({exc})") from exc
+
+
+def _copy(source: Path, dest: Path) -> None:
+    with open(source, "rb") as reader, atomic_output(dest) as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = params_mod.stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write the variant's original files to")
+    parser.add_argument("--cache", type=Path, required=True, help="where fetched files are kept between runs")
+    parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        params = params_mod.load(args.params)
+        model = params.model(args.variant)
+        policy = FetchPolicy(
+            timeout_s=params.download.timeout_s,
+            retries=params.download.retries,
+            max_bytes=params.download.max_bytes,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        fetched = fetch_all(model, policy, args.cache, Path.cwd())
+        args.out.mkdir(parents=True, exist_ok=True)
+        tensors = original_tensors(model, fetched, args.cache / "extracted" / args.variant, params.download.max_member_bytes)
+        write_side_files(model, fetched, args.out)
+        hashes = {name: f.sha256 for name, f in fetched.items()}
+        metadata = {"stage": STAGE, "variant": args.variant, "source_sha256": " ".join(f"{k}={v}" for k, v in sorted(hashes.items()))}
+        write_safetensors(args.out / "original.safetensors", tensors, metadata)
+        verify_written(args.out / "original.safetensors", tensors)
+        write_json(args.report, {
+            "stage": STAGE,
+            "variant": args.variant,
+            "sources": {name: {"sha256": f.sha256, "bytes": f.size, "pinned": f.pinned} for name, f in fetched.items()},
+            "tensors": len(tensors),
+            "dtypes": {str(d).removeprefix("torch."): n for d, n in sorted(_count_dtypes(tensors).items(), key=str)},
+        })
+
+    return run_stage(STAGE, args.variant, body)
+
+
+def _count_dtypes(tensors: dict[str, torch.Tensor]) -> dict[torch.dtype, int]:
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors.values():
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+    return counts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

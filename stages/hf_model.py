@@ -1,0 +1,77 @@
+"""The Hugging Face side: CLIPSegConfig from a variant's architecture, and a model built from tensors without a
+random initialisation (constructed on the meta device, then the loaded tensors are assigned in place)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+from .errors import PipelineError
+
+# The published configs carry these text token ids; with eos_token_id == 2 the model pools the text at the argmax of
+# the ids, which is what the original does (see ORIGINAL_FORMAT.md, "Text pooling").
+TEXT_BOS_TOKEN_ID = 0
+TEXT_EOS_TOKEN_ID = 2
+TEXT_PAD_TOKEN_ID = 1
+
+
+class BuildError(PipelineError):
+    """The tensors do not fit the model the architecture describes."""
+
+
+def config_from_architecture(arch: Mapping) -> CLIPSegConfig:
+    return CLIPSegConfig(
+        text_config={
+            **arch["text"],
+            "bos_token_id": TEXT_BOS_TOKEN_ID,
+            "eos_token_id": TEXT_EOS_TOKEN_ID,
+            "pad_token_id": TEXT_PAD_TOKEN_ID,
+        },
+        vision_config=dict(arch["vision"]),
+        projection_dim=arch["projection_dim"],
+        extract_layers=list(arch["extract_layers"]),
+        reduce_dim=arch["reduce_dim"],
+        decoder_num_attention_heads=arch["decoder_num_attention_heads"],
+        decoder_intermediate_size=arch["decoder_intermediate_size"],
+        conditional_layer=arch["conditional_layer"],
+        use_complex_transposed_convolution=arch["use_complex_transposed_convolution"],
+        # The decoder layers always use ReLU whatever this says; recording it keeps config.json truthful.
+        decoder_hidden_act="relu",
+    )
+
+
+def build_model(config: CLIPSegConfig, tensors: Mapping[str, torch.Tensor]) -> CLIPSegForImageSegmentation:
+    """Construct on the meta device (no memory, no random init) and assign `tensors`; every key accounted for."""
+    with torch.device("meta"):
+        model = CLIPSegForImageSegmentation(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    wrong = sorted(
+        f"{name}: model wants {list(expected[name])}, got {list(tensors[name].shape)}"
+        for name in expected.keys() & tensors.keys()
+        if tuple(tensors[name].shape) != expected[name]
+    )
+    if missing or unexpected or wrong:
+        raise BuildError(
+            f"the remapped tensors do not fit CLIPSegForImageSegmentation: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {wrong}. Rerun remap-weights after fixing the variant's architecture"
+        )
+    model.load_state_dict(dict(tensors), strict=True, assign=True)
+    _materialize_buffers(model)
+    return model.eval()
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    # position_ids are non-persistent buffers: not in the state dict, so still on the meta device. Recreate them.
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                if name != "position_ids":
+                    raise BuildError(f"buffer {name!r} of {type(module).__name__} has no value after loading")
+                module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+    leftover = [name for name, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise BuildError(f"parameters left without a value: {leftover}")

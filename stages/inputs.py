@@ -1,0 +1,78 @@
+"""The model inputs every consumer shares: the published processor settings, the tokenizer and pixel values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError
+
+# CLIP's text context; the published processors set the tokenizer's model_max_length to it.
+CONTEXT_LENGTH = 77
+# PIL's BILINEAR, as the published preprocessor_config.json has it.
+RESAMPLE_BILINEAR = 2
+
+
+class InputError(PipelineError):
+    """An image or prompt that cannot be turned into model inputs."""
+
+
+def image_processor(size: int, mean: Sequence[float], std: Sequence[float]):
+    """The published CLIPSeg image processor: resize to size x size (bilinear, no crop), rescale 1/255, normalize."""
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=RESAMPLE_BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+def tokenizer(directory: Path):
+    from transformers import CLIPTokenizer
+
+    # transformers 5.x's tokenizers-backed CLIPTokenizer silently ignores vocab_file/merges_file (it then tokenizes
+    # everything to a 3-token vocabulary): the files must be passed as `vocab` and `merges`.
+    tok = CLIPTokenizer(
+        vocab=str(Path(directory) / "vocab.json"),
+        merges=str(Path(directory) / "merges.txt"),
+        model_max_length=CONTEXT_LENGTH,
+    )
+    if len(tok) < 2 + 256:
+        raise InputError(f"{directory}: the tokenizer files give only {len(tok)} tokens; expected CLIP's byte-level BPE")
+    return tok
+
+
+def load_image(path: Path):
+    """An RGB PIL image, upright as its EXIF orientation says, or a clear error naming the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from exc
+    return upright.convert("RGB")
+
+
+def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    return image_processor(size, mean, std)(images=image, return_tensors="pt")["pixel_values"]
+
+
+def token_ids(tok, prompts: Sequence[str], padding: str = "longest") -> dict[str, torch.Tensor]:
+    if not prompts:
+        raise InputError("no prompts given; pass at least one prompt text")
+    bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise InputError(f"empty or non-text prompt(s) {bad!r}; every prompt must be a non-empty string")
+    # Prompts longer than CLIP's context are cut (the end token is kept), as CLIP's own tokenize(truncate=True) does.
+    encoded = tok(list(prompts), padding=padding, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

@@ -1,0 +1,248 @@
+"""Independent reference of the ORIGINAL CLIPSeg forward pass, run on the original tensors.
+
+Input: a mapping of the original tensors under their original names (OpenAI CLIP keys such as
+`visual.transformer.resblocks.3.attn.in_proj_weight`, `text_projection`, `visual.proj`, and the
+decoder keys such as `film_mul.weight`, `reduces.0.weight`, `blocks.1.self_attn.in_proj_weight`,
+`trans_conv.weight` / `trans_conv.{0,2,4}.weight`), the architecture mapping (`arch` in params.yaml),
+normalized pixel values and token ids.
+Output: dicts of float32 activations (`vision.block{k}`, `text.block{k}`, `decoder.step{i}`, ...) and
+the logits [P, H_out, W_out].
+
+Written from shared/ORIGINAL_FORMAT.md with plain torch and nothing from transformers, so that it
+can prove a conversion to the Hugging Face layout correct. Every tensor is cast to float32 when
+used, whatever its stored dtype (the CLIP file mixes fp16 and fp32). The arch mapping is trusted
+(it is validated where params are read); the tensors are checked against it.
+
+Layout: the original runs its transformers sequence-first ([T, B, W]); here everything is
+batch-first ([B, T, W]). Attention, LayerNorm and the MLPs act per sample, so the two are the same
+computation with the first two axes swapped.
+"""
+
+from collections.abc import Mapping, Sequence
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LAYER_NORM_EPS = 1e-5  # OpenAI CLIP's LayerNorm and nn.TransformerEncoderLayer's default
+QUICK_GELU_SCALE = 1.702  # OpenAI CLIP's activation: x * sigmoid(1.702 x)
+
+
+def _tensor(tensors: Mapping[str, Tensor], key: str, shape: Sequence[int]) -> Tensor:
+    """The tensor under `key` as float32, after checking it exists with the shape `arch` implies."""
+    if key not in tensors:
+        raise ValueError(
+            f"reference: tensor '{key}' is missing (expected shape {list(shape)}); "
+            "pass the original CLIP and decoder tensors under their original key names"
+        )
+    found = list(tensors[key].shape)
+    if found != list(shape):
+        raise ValueError(
+            f"reference: tensor '{key}' has shape {found}, expected {list(shape)} from arch; "
+            "check that the arch parameters match the checkpoint variant"
+        )
+    return tensors[key].float()
+
+
+def _group(tensors: Mapping[str, Tensor], prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """Tensors `prefix + suffix` for every suffix in `shapes`, keyed by suffix."""
+    return {suffix: _tensor(tensors, prefix + suffix, shape) for suffix, shape in shapes.items()}
+
+
+def _clip_block_shapes(width: int, intermediate: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "ln_1.weight": (width,),                      "ln_1.bias": (width,),
+        "attn.in_proj_weight": (3 * width, width),    "attn.in_proj_bias": (3 * width,),
+        "attn.out_proj.weight": (width, width),       "attn.out_proj.bias": (width,),
+        "ln_2.weight": (width,),                      "ln_2.bias": (width,),
+        "mlp.c_fc.weight": (intermediate, width),     "mlp.c_fc.bias": (intermediate,),
+        "mlp.c_proj.weight": (width, intermediate),   "mlp.c_proj.bias": (width,),
+    }
+
+
+def _decoder_block_shapes(width: int, intermediate: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "self_attn.in_proj_weight": (3 * width, width),  "self_attn.in_proj_bias": (3 * width,),
+        "self_attn.out_proj.weight": (width, width),     "self_attn.out_proj.bias": (width,),
+        "linear1.weight": (intermediate, width),         "linear1.bias": (intermediate,),
+        "linear2.weight": (width, intermediate),         "linear2.bias": (width,),
+        "norm1.weight": (width,),                        "norm1.bias": (width,),
+        "norm2.weight": (width,),                        "norm2.bias": (width,),
+    }
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, LAYER_NORM_EPS)
+
+
+def _mha(x: Tensor, in_w: Tensor, in_b: Tensor, out_w: Tensor, out_b: Tensor, heads: int, causal: bool) -> Tensor:
+    """nn.MultiheadAttention self-attention on batch-first x [B, T, W]; in_w stacks q, k, v rows."""
+    batch, tokens, width = x.shape
+    head_dim = width // heads
+    q, k, v = F.linear(x, in_w, in_b).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5
+    if causal:
+        # CLIP's text mask: position i sees only j <= i, so padding after the end token never leaks back.
+        future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    out = scores.softmax(dim=-1) @ v
+    return F.linear(out.transpose(1, 2).reshape(batch, tokens, width), out_w, out_b)
+
+
+def _clip_block(x: Tensor, p: Mapping[str, Tensor], heads: int, causal: bool) -> Tensor:
+    """OpenAI CLIP residual block: pre-LayerNorm, QuickGELU MLP."""
+    h = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"])
+    x = x + _mha(h, p["attn.in_proj_weight"], p["attn.in_proj_bias"],
+                 p["attn.out_proj.weight"], p["attn.out_proj.bias"], heads, causal)
+    h = F.linear(_layer_norm(x, p["ln_2.weight"], p["ln_2.bias"]), p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])
+    h = h * torch.sigmoid(QUICK_GELU_SCALE * h)
+    return x + F.linear(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+
+
+def _decoder_block(x: Tensor, p: Mapping[str, Tensor], heads: int) -> Tensor:
+    """nn.TransformerEncoderLayer in eval mode: post-norm, ReLU (dropout is off at inference)."""
+    x = _layer_norm(x + _mha(x, p["self_attn.in_proj_weight"], p["self_attn.in_proj_bias"],
+                             p["self_attn.out_proj.weight"], p["self_attn.out_proj.bias"], heads, False),
+                    p["norm1.weight"], p["norm1.bias"])
+    h = F.linear(F.relu(F.linear(x, p["linear1.weight"], p["linear1.bias"])), p["linear2.weight"], p["linear2.bias"])
+    return _layer_norm(x + h, p["norm2.weight"], p["norm2.bias"])
+
+
+def _positional_embedding(tensors: Mapping[str, Tensor], arch: Mapping, grid: tuple[int, int]) -> Tensor:
+    """Vision positional embedding [1 + gh*gw, W]; the patch rows are resized bicubically to `grid`."""
+    vision = arch["vision"]
+    width, stored_side = vision["hidden_size"], vision["image_size"] // vision["patch_size"]
+    pos = _tensor(tensors, "visual.positional_embedding", (stored_side * stored_side + 1, width))
+    if grid == (stored_side, stored_side):
+        return pos
+    # Patch rows are row-major over the stored grid; the class row has no grid position and is kept.
+    patches = pos[1:].T.reshape(1, width, stored_side, stored_side)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.reshape(width, grid[0] * grid[1]).T])
+
+
+def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor) -> dict[str, Tensor]:
+    """Normalized pixels [B, 3, H, W] -> {"vision.embeddings", "vision.block{k}": [B, T, W], "pooled_output"}.
+
+    T = 1 + (H // patch) * (W // patch): the class token first, then the patches row by row.
+    """
+    vision = arch["vision"]
+    width, patch, heads = vision["hidden_size"], vision["patch_size"], vision["num_attention_heads"]
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"reference: pixel_values must be [B, 3, H, W], found {list(pixel_values.shape)}")
+    conv = _tensor(tensors, "visual.conv1.weight", (width, 3, patch, patch))
+    x = F.conv2d(pixel_values.float(), conv, stride=patch)
+    grid = (x.shape[2], x.shape[3])
+    x = x.flatten(2).transpose(1, 2)
+    cls = _tensor(tensors, "visual.class_embedding", (width,)).expand(x.shape[0], 1, width)
+    x = torch.cat([cls, x], dim=1) + _positional_embedding(tensors, arch, grid)
+    ln_pre = _group(tensors, "visual.ln_pre.", {"weight": (width,), "bias": (width,)})
+    x = _layer_norm(x, ln_pre["weight"], ln_pre["bias"])
+    out = {"vision.embeddings": x}
+    shapes = _clip_block_shapes(width, vision["intermediate_size"])
+    for k in range(vision["num_hidden_layers"]):
+        x = _clip_block(x, _group(tensors, f"visual.transformer.resblocks.{k}.", shapes), heads, causal=False)
+        out[f"vision.block{k}"] = x
+    ln_post = _group(tensors, "visual.ln_post.", {"weight": (width,), "bias": (width,)})
+    proj = _tensor(tensors, "visual.proj", (width, arch["projection_dim"]))
+    out["pooled_output"] = _layer_norm(x[:, 0], ln_post["weight"], ln_post["bias"]) @ proj
+    return out
+
+
+def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor) -> dict[str, Tensor]:
+    """Token ids [P, L] -> {"text.block{k}" [P, L, Wt], "conditional_embeddings" [P, proj]}."""
+    text = arch["text"]
+    width, vocab, context = text["hidden_size"], text["vocab_size"], text["max_position_embeddings"]
+    if input_ids.ndim != 2 or input_ids.shape[1] > context:
+        raise ValueError(f"reference: input_ids must be [P, L] with L <= {context}, found {list(input_ids.shape)}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        raise ValueError(f"reference: input_ids must lie in [0, {vocab}), found "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    ids = input_ids.long()
+    x = F.embedding(ids, _tensor(tensors, "token_embedding.weight", (vocab, width)))
+    x = x + _tensor(tensors, "positional_embedding", (context, width))[: ids.shape[1]]
+    out, heads = {}, text["num_attention_heads"]
+    shapes = _clip_block_shapes(width, text["intermediate_size"])
+    for k in range(text["num_hidden_layers"]):
+        x = _clip_block(x, _group(tensors, f"transformer.resblocks.{k}.", shapes), heads, causal=True)
+        out[f"text.block{k}"] = x
+    ln_final = _group(tensors, "ln_final.", {"weight": (width,), "bias": (width,)})
+    x = _layer_norm(x, ln_final["weight"], ln_final["bias"])
+    # CLIP's end token has the largest id in its vocabulary, so the argmax finds it in every prompt.
+    pooled = x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)]
+    out["conditional_embeddings"] = pooled @ _tensor(tensors, "text_projection", (width, arch["projection_dim"]))
+    return out
+
+
+def _trans_conv(tensors: Mapping[str, Tensor], arch: Mapping, a: Tensor) -> Tensor:
+    """Decoder upsampling: [P, D, g, g] -> [P, 1, g*patch, g*patch]."""
+    d, patch = arch["reduce_dim"], arch["vision"]["patch_size"]
+    if not arch["use_complex_transposed_convolution"]:
+        p = _group(tensors, "trans_conv.", {"weight": (d, 1, patch, patch), "bias": (1,)})
+        return F.conv_transpose2d(a, p["weight"], p["bias"], stride=patch)
+    # Refined variant: nn.Sequential(Conv2d 3x3, ReLU, ConvTranspose2d, ReLU, ConvTranspose2d). The original
+    # gives each transposed convolution kernel = stride = patch // 4, which restores full size for patch 16.
+    k = patch // 4
+    p = _group(tensors, "trans_conv.", {
+        "0.weight": (d, d, 3, 3),       "0.bias": (d,),
+        "2.weight": (d, d // 2, k, k),  "2.bias": (d // 2,),
+        "4.weight": (d // 2, 1, k, k),  "4.bias": (1,),
+    })
+    a = F.relu(F.conv2d(a, p["0.weight"], p["0.bias"], padding=1))
+    a = F.relu(F.conv_transpose2d(a, p["2.weight"], p["2.bias"], stride=k))
+    return F.conv_transpose2d(a, p["4.weight"], p["4.bias"], stride=k)
+
+
+def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[Tensor],
+           conditional_embeddings: Tensor) -> dict[str, Tensor]:
+    """Vision activations at extract_layers [B, T, W] + conditions [P, proj] -> {"decoder.step{i}" [P, T, D], "logits"}.
+
+    B must be P, or 1: then the one image serves every prompt, so it is encoded once, not P times.
+    """
+    d, steps = arch["reduce_dim"], len(arch["extract_layers"])
+    width, proj = arch["vision"]["hidden_size"], arch["projection_dim"]
+    prompts = conditional_embeddings.shape[0]
+    if len(activations) != steps:
+        raise ValueError(f"reference: decode needs {steps} activations (one per extract layer "
+                         f"{list(arch['extract_layers'])}), found {len(activations)}")
+    if any(act.shape[0] not in (1, prompts) for act in activations):
+        raise ValueError(f"reference: activation batch sizes {[act.shape[0] for act in activations]} "
+                         f"must equal the number of prompts ({prompts}) or be 1")
+    cond = conditional_embeddings.float()
+    film_mul = _group(tensors, "film_mul.", {"weight": (d, proj), "bias": (d,)})
+    film_add = _group(tensors, "film_add.", {"weight": (d, proj), "bias": (d,)})
+    block_shapes = _decoder_block_shapes(d, arch["decoder_intermediate_size"])
+    out, a = {}, None
+    # The deepest activation enters first; a batch of 1 broadcasts against the P conditions at FiLM.
+    for i, act in enumerate(reversed(activations)):
+        reduce = _group(tensors, f"reduces.{i}.", {"weight": (d, width), "bias": (d,)})
+        reduced = F.linear(act.float(), reduce["weight"], reduce["bias"])
+        a = reduced if a is None else reduced + a
+        if i == arch["conditional_layer"]:
+            a = (F.linear(cond, film_mul["weight"], film_mul["bias"]).unsqueeze(1) * a
+                 + F.linear(cond, film_add["weight"], film_add["bias"]).unsqueeze(1))
+        a = _decoder_block(a, _group(tensors, f"blocks.{i}.", block_shapes), arch["decoder_num_attention_heads"])
+        out[f"decoder.step{i}"] = a.expand(prompts, -1, -1)
+    a = out[f"decoder.step{steps - 1}"]
+    side = math.isqrt(a.shape[1] - 1)
+    if side * side != a.shape[1] - 1:
+        raise ValueError(f"reference: {a.shape[1] - 1} patch tokens do not form a square grid")
+    # Drop the class token; tokens run row-major over the grid, so channels move first.
+    grid = a[:, 1:].transpose(1, 2).reshape(prompts, d, side, side)
+    out["logits"] = _trans_conv(tensors, arch, grid).squeeze(1)
+    return out
+
+
+def reference_forward(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor,
+                      input_ids: Tensor) -> dict[str, Tensor]:
+    """One image [1, 3, H, W] + P prompts [P, L] -> the union of encode_image, encode_text and decode."""
+    layers = arch["vision"]["num_hidden_layers"]
+    if any(not 0 <= k < layers for k in arch["extract_layers"]):
+        raise ValueError(f"reference: extract_layers {list(arch['extract_layers'])} "
+                         f"must be block indices in [0, {layers})")
+    vision = encode_image(tensors, arch, pixel_values)
+    text = encode_text(tensors, arch, input_ids)
+    activations = [vision[f"vision.block{k}"] for k in arch["extract_layers"]]
+    return {**vision, **text, **decode(tensors, arch, activations, text["conditional_embeddings"])}

@@ -1,0 +1,255 @@
+"""remap-weights: original CLIPSeg tensors (OpenAI CLIP + decoder names) -> CLIPSegForImageSegmentation tensors.
+
+Input: the download stage's safetensors file. Output: a safetensors file under Hugging Face names plus a JSON report
+of every rule that fired and every key dropped. The core, `remap`, is a pure function over a mapping of tensors.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError, run_stage
+
+from . import params as params_mod
+from .original import CLIP_SCALARS, clip_shapes, decoder_shapes
+from .tensor_io import TensorFile, verify_written, write_json, write_safetensors
+
+STAGE = "remap-weights"
+
+
+class RemapError(PipelineError):
+    """The source tensors do not map onto the configured architecture."""
+
+
+# ---- tensor surgery: small operations, each with its inverse ----------------------------------------------------
+
+
+def split_qkv(stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """nn.MultiheadAttention stacks the q, k and v projections along dim 0; Hugging Face keeps three Linear layers."""
+    if stacked.shape[0] % 3:
+        raise RemapError(f"an in_proj tensor of shape {list(stacked.shape)} cannot be split into q, k, v")
+    return tuple(part.contiguous() for part in stacked.chunk(3, dim=0))
+
+
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([q, k, v], dim=0)
+
+
+def transpose(matrix: torch.Tensor) -> torch.Tensor:
+    """The original applies its projections as `x @ P`; nn.Linear computes `x @ W.T`, so W = P.T."""
+    return matrix.t().contiguous()
+
+
+def identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+# ---- the name map: one row per original module ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # full match against the original key
+    targets: tuple[str, ...]  # str.format templates over the pattern's groups; empty for a drop
+    op: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]] = identity
+    reason: str = ""  # why a key is dropped
+
+    @property
+    def regex(self) -> re.Pattern:
+        return re.compile(self.pattern)
+
+
+def _rename(pattern: str, target: str) -> Rule:
+    return Rule(pattern, (target,))
+
+
+def _split(pattern: str, target: str) -> Rule:
+    """`target` names the q/k/v projection `{qkv}`; the rule yields the three in the order split_qkv returns them."""
+    return Rule(pattern, tuple(target.replace("{qkv}", proj) for proj in ("q_proj", "k_proj", "v_proj")), split_qkv)
+
+
+def _drop(pattern: str, reason: str) -> Rule:
+    return Rule(pattern, (), reason=reason)
+
+
+def _tower(src: str, dst: str) -> tuple[Rule, ...]:
+    """The rows of one pre-LayerNorm CLIP transformer (text or vision): same shape of names on both towers."""
+    block = rf"{src}transformer\.resblocks\.(\d+)\."
+    layer = f"{dst}encoder.layers.{{0}}."
+    return (
+        _split(rf"{block}attn\.in_proj_(weight|bias)",  layer + "self_attn.{qkv}.{1}"),
+        _rename(rf"{block}attn\.out_proj\.(weight|bias)", layer + "self_attn.out_proj.{1}"),
+        _rename(rf"{block}ln_1\.(weight|bias)",           layer + "layer_norm1.{1}"),
+        _rename(rf"{block}ln_2\.(weight|bias)",           layer + "layer_norm2.{1}"),
+        _rename(rf"{block}mlp\.c_fc\.(weight|bias)",      layer + "mlp.fc1.{1}"),
+        _rename(rf"{block}mlp\.c_proj\.(weight|bias)",    layer + "mlp.fc2.{1}"),
+    )  # fmt: skip
+
+
+RULES: tuple[Rule, ...] = (
+    # CLIP text tower (OpenAI names carry no prefix)
+    _rename(r"token_embedding\.weight",          "clip.text_model.embeddings.token_embedding.weight"),
+    _rename(r"positional_embedding",             "clip.text_model.embeddings.position_embedding.weight"),
+    _rename(r"ln_final\.(weight|bias)",          "clip.text_model.final_layer_norm.{0}"),
+    *_tower("",                                  "clip.text_model."),
+    Rule(r"text_projection",                     ("clip.text_projection.weight",), transpose),
+    _rename(r"logit_scale",                      "clip.logit_scale"),
+    # CLIP vision tower
+    _rename(r"visual\.class_embedding",          "clip.vision_model.embeddings.class_embedding"),
+    _rename(r"visual\.positional_embedding",     "clip.vision_model.embeddings.position_embedding.weight"),
+    _rename(r"visual\.conv1\.weight",            "clip.vision_model.embeddings.patch_embedding.weight"),
+    _rename(r"visual\.ln_pre\.(weight|bias)",    "clip.vision_model.pre_layrnorm.{0}"),
+    _rename(r"visual\.ln_post\.(weight|bias)",   "clip.vision_model.post_layernorm.{0}"),
+    *_tower(r"visual\.",                         "clip.vision_model."),
+    Rule(r"visual\.proj",                        ("clip.visual_projection.weight",), transpose),
+    # CLIPSeg decoder (nn.TransformerEncoderLayer names inside `blocks`)
+    _rename(r"film_(mul|add)\.(weight|bias)",    "decoder.film_{0}.{1}"),
+    _rename(r"reduces\.(\d+)\.(weight|bias)",    "decoder.reduces.{0}.{1}"),
+    _split(r"blocks\.(\d+)\.self_attn\.in_proj_(weight|bias)", "decoder.layers.{0}.self_attn.{qkv}.{1}"),
+    _rename(r"blocks\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "decoder.layers.{0}.self_attn.out_proj.{1}"),
+    _rename(r"blocks\.(\d+)\.linear1\.(weight|bias)", "decoder.layers.{0}.mlp.fc1.{1}"),
+    _rename(r"blocks\.(\d+)\.linear2\.(weight|bias)", "decoder.layers.{0}.mlp.fc2.{1}"),
+    _rename(r"blocks\.(\d+)\.norm1\.(weight|bias)", "decoder.layers.{0}.layer_norm1.{1}"),
+    _rename(r"blocks\.(\d+)\.norm2\.(weight|bias)", "decoder.layers.{0}.layer_norm2.{1}"),
+    _rename(r"trans_conv\.(weight|bias)",        "decoder.transposed_convolution.{0}"),
+    _rename(r"trans_conv\.(\d)\.(weight|bias)",  "decoder.transposed_convolution.{0}.{1}"),
+    # Drops, each with its reason
+    _drop(r"model\..+",                          "the original keeps `self.model = clip_model.visual`: a second copy of the vision tower"),
+    _drop(r"reduce\.(weight|bias)",              "a layer the original decoder defines but its forward pass never uses"),
+    _drop(rf"({'|'.join(CLIP_SCALARS)})",        "a scalar setting stored in OpenAI's archive, not a weight; checked against the architecture"),
+)  # fmt: skip
+
+# A full in-memory original model's state_dict() prefixes the CLIP keys with this.
+FULL_MODEL_PREFIX = "clip_model."
+
+
+@dataclass(frozen=True)
+class Report:
+    mapped: dict[str, list[str]]  # original key -> target keys
+    dropped: dict[str, str]  # original key -> reason
+    rules_fired: dict[str, int]  # rule pattern -> how many keys it matched
+
+
+def match_rules(names: list[str], rules: tuple[Rule, ...] = RULES) -> dict[str, tuple[Rule, tuple[str, ...]]]:
+    """Each original name -> (its one rule, the regex groups). Unmatched or doubly matched names are an error."""
+    matched: dict[str, tuple[Rule, tuple[str, ...]]] = {}
+    unmatched, ambiguous = [], []
+    for name in names:
+        hits = [(rule, m.groups()) for rule in rules if (m := rule.regex.fullmatch(name))]
+        if not hits:
+            unmatched.append(name)
+        elif len(hits) > 1:
+            ambiguous.append(f"{name} (rules {[rule.pattern for rule, _ in hits]})")
+        else:
+            matched[name] = hits[0]
+    if unmatched or ambiguous:
+        raise RemapError(
+            f"unknown key(s) that no rule maps: {sorted(unmatched)}" * bool(unmatched)
+            + ("; " if unmatched and ambiguous else "")
+            + f"key(s) matched by several rules: {sorted(ambiguous)}" * bool(ambiguous)
+            + ". Is this a CLIPSeg checkpoint of the configured architecture?"
+        )
+    return matched
+
+
+def normalize(source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept a full original model's state dict too: its CLIP keys carry a `clip_model.` prefix."""
+    normal = {name.removeprefix(FULL_MODEL_PREFIX): tensor for name, tensor in source.items()}
+    if len(normal) != len(source):
+        raise RemapError(f"keys present both with and without the {FULL_MODEL_PREFIX!r} prefix")
+    return normal
+
+
+def check_architecture(source: Mapping[str, torch.Tensor], arch: dict, variant: str) -> None:
+    """Compare the source's keys and shapes with the architecture in params.yaml, naming the setting to fix."""
+    where = f"models.{variant}.architecture"
+    expected = clip_shapes(arch) | decoder_shapes(arch)
+    names = set(source)
+    refined = arch["use_complex_transposed_convolution"]
+    if "trans_conv.0.weight" in names and not refined:
+        raise RemapError(f"the decoder is a refined one (trans_conv.0/2/4) but {where}.use_complex_transposed_convolution is false: set it to true")
+    if "trans_conv.weight" in names and refined:
+        raise RemapError(f"the decoder has a plain trans_conv but {where}.use_complex_transposed_convolution is true: set it to false")
+    film = source.get("film_mul.weight")
+    if film is not None and film.shape[0] != arch["reduce_dim"]:
+        raise RemapError(
+            f"the decoder has reduce_dim {film.shape[0]} (film_mul.weight {list(film.shape)}) but {where}.reduce_dim is "
+            f"{arch['reduce_dim']}: set it to {film.shape[0]}, or use the decoder file made for reduce_dim {arch['reduce_dim']}"
+        )
+    droppable = {n for n in names if any(rule.regex.fullmatch(n) for rule in RULES if not rule.targets)}
+    unknown = sorted(names - expected.keys() - droppable)
+    missing = sorted(expected.keys() - names)
+    wrong = sorted(f"{n}: expected {list(s)}, found {list(source[n].shape)}" for n, s in expected.items() if n in names and tuple(source[n].shape) != s)
+    problems = [f"{label} {items}" for label, items in (("unknown key(s)", unknown), ("missing key(s)", missing), ("wrong shape(s)", wrong)) if items]
+    if problems:
+        raise RemapError("; ".join(problems) + f". The checkpoint does not match {where}: fix the architecture or the source")
+    implied = {"input_resolution": arch["vision"]["image_size"], "context_length": arch["text"]["max_position_embeddings"], "vocab_size": arch["text"]["vocab_size"]}
+    for scalar, value in implied.items():
+        if scalar in names and int(source[scalar]) != value:
+            raise RemapError(f"the CLIP archive says {scalar} = {int(source[scalar])} but {where} implies {value}: fix the architecture")
+
+
+def remap(source: Mapping[str, torch.Tensor], rules: tuple[Rule, ...] = RULES) -> tuple[dict[str, torch.Tensor], Report]:
+    """Original tensors -> Hugging Face tensors, with a report of what every key became. No file I/O."""
+    matched = match_rules(sorted(source), rules)
+    target: dict[str, torch.Tensor] = {}
+    mapped: dict[str, list[str]] = {}
+    dropped: dict[str, str] = {}
+    fired = {rule.pattern: 0 for rule in rules}
+    for name, (rule, groups) in sorted(matched.items()):
+        fired[rule.pattern] += 1
+        if not rule.targets:
+            dropped[name] = rule.reason
+            continue
+        result = rule.op(source[name])
+        tensors = result if isinstance(result, tuple) else (result,)
+        names = [template.format(*groups) for template in rule.targets]
+        duplicate = [n for n in names if n in target]
+        if duplicate:
+            raise RemapError(f"target key(s) {duplicate} produced twice (second time from {name!r})")
+        target.update(zip(names, tensors, strict=True))
+        mapped[name] = names
+    return target, Report(mapped=mapped, dropped=dropped, rules_fired=fired)
+
+
+def report_json(report: Report, variant: str, source_meta: Mapping[str, str]) -> dict:
+    return {
+        "stage": STAGE,
+        "variant": variant,
+        "keys_in": len(report.mapped) + len(report.dropped),
+        "keys_out": sum(len(v) for v in report.mapped.values()),
+        "dropped": report.dropped,
+        "rules_fired": {pattern: count for pattern, count in report.rules_fired.items()},
+        "source_sha256": source_meta.get("source_sha256", ""),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = params_mod.stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--original", type=Path, required=True, help="the download stage's original.safetensors")
+    parser.add_argument("--out", type=Path, required=True, help="the remapped safetensors file to write")
+    parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        model = params_mod.load(args.params).model(args.variant)
+        source = TensorFile(args.original)
+        tensors = normalize(source)
+        check_architecture(tensors, model.architecture, args.variant)
+        target, report = remap(tensors)
+        metadata = {"stage": STAGE, "variant": args.variant, "source_sha256": source.metadata.get("source_sha256", "")}
+        write_safetensors(args.out, target, metadata)
+        verify_written(args.out, target)
+        write_json(args.report, report_json(report, args.variant, source.metadata))
+
+    return run_stage(STAGE, args.variant, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
