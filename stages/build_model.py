@@ -1,7 +1,8 @@
 """build-model: remapped tensors -> a CLIPSegForImageSegmentation checkpoint (model.safetensors + config.json).
 
-The model is constructed on the meta device and the tensors are assigned to it, so there is no random initialisation
-to throw away, and every key is accounted for: a missing, unexpected or misshapen tensor stops the stage.
+The model is constructed on the meta device (no memory, no random initialisation) from the variant's config and the
+remapped file is held to its state dict: a missing, unexpected or misshapen tensor stops the stage. The tensors are
+then streamed into model.safetensors in the model's working precision, one at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from . import params as params_mod
 from .errors import run_stage
-from .tensor_io import TensorFile, atomic_output, write_json, write_safetensors
+from .hf_model import check_state_dict, config_from_architecture, meta_model
+from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, write_json, write_safetensors
 
 STAGE = "build-model"
 # The working precision of the converted model; export may store it in another dtype.
@@ -28,23 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from .hf_model import build_model, config_from_architecture
-
         model_params = params_mod.load(args.params).model(args.variant)
         source = TensorFile(args.remapped)
-        tensors = {name: source[name].to(BUILD_DTYPE) for name in source}
         config = config_from_architecture(model_params.architecture)
-        model = build_model(config, tensors)
-        state = model.state_dict()
+        check_state_dict(meta_model(config), {name: spec.shape for name, spec in source.specs.items()})
+        tensors = LazyTensors(
+            {name: Spec(BUILD_DTYPE, spec.shape) for name, spec in source.specs.items()},
+            lambda name: source[name].to(BUILD_DTYPE),
+        )
         metadata = {"format": "pt", "stage": STAGE, "variant": args.variant, "source_sha256": source.metadata.get("source_sha256", "")}
-        write_safetensors(args.out / "model.safetensors", state, metadata)
+        write_safetensors(args.out / "model.safetensors", tensors, metadata)
         with atomic_output(args.out / "config.json", "w") as handle:
             handle.write(config.to_json_string(use_diff=False))
         write_json(args.report, {
             "stage": STAGE,
             "variant": args.variant,
-            "parameters": sum(t.numel() for t in state.values()),
-            "tensors": len(state),
+            "parameters": sum(spec.nbytes // spec.dtype.itemsize for spec in tensors.specs.values()),
+            "tensors": len(tensors),
             "dtype": str(BUILD_DTYPE).removeprefix("torch."),
         })
 

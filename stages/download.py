@@ -1,9 +1,10 @@
 """download: a variant's sources (URLs, mirrors or local copies) -> verified original tensors and side files.
 
 Every file is fetched (or read in place when local), its sha256 checked against the pin before anything parses it,
-the decoder .pth extracted from its zip, and both checkpoints read without running pickled code. Output, in the
-folder given by --out: `original.safetensors` (every original tensor under its original name, original dtypes),
-`vocab.json` + `merges.txt`, and `image` (the reference image's bytes, unchanged).
+the decoder .pth extracted from its zip, and both checkpoints read without running pickled code. Every source is
+checked before the first output is written, and each output is written atomically. Output, in the folder given by
+--out: `original.safetensors` (every original tensor under its original name, original dtypes), `vocab.json` +
+`merges.txt`, and `image` (the reference image's bytes, unchanged).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from . import params as params_mod
 from .errors import PipelineError, run_stage
 from .fetch import FetchPolicy, Fetched, fetch
-from .original import load_clip, load_decoder, extract_member
-from .tensor_io import atomic_output, verify_written, write_json, write_safetensors
-from .tokenizer import check_hf_files, read_bpe_gz, write_hf_files
+from .inputs import load_image
+from .original import extract_member, load_clip, load_decoder
+from .tensor_io import atomic_output, write_json, write_safetensors
+from .tokenizer import check_hf_files, hf_files, read_bpe_gz, vocab_from_merges
 
 STAGE = "download"
 
@@ -50,58 +52,62 @@ def fetch_all(model: params_mod.Model, policy: FetchPolicy, cache: Path, root: P
     return fetched
 
 
-def check_finite(tensors: dict[str, torch.Tensor], origin: Path) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], origin: str) -> None:
     bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:
         raise DownloadError(f"{origin}: tensor(s) with NaN or Inf values: {bad}. The checkpoint is damaged; fetch it again")
 
 
-def original_tensors(model: params_mod.Model, fetched: dict[str, Fetched], workdir: Path, max_member_bytes: int) -> dict[str, torch.Tensor]:
+def _origin(model: params_mod.Model, name: str) -> str:
+    source = model.sources[name]
+    member = f", member {source.member!r}" if source.member else ""
+    return f"source {name!r} ({source.url}{member})"
+
+
+def original_tensors(
+    model: params_mod.Model, fetched: dict[str, Fetched], workdir: Path, bounds: params_mod.Download
+) -> dict[str, torch.Tensor]:
     """The CLIP and decoder tensors under their original names, in their original dtypes."""
-    clip = load_clip(fetched["clip"].path, pinned=fetched["clip"].pinned)
-    check_finite(clip, fetched["clip"].path)
+    clip = load_clip(fetched["clip"].path, pinned=fetched["clip"].pinned, max_bytes=bounds.max_bytes)
+    check_finite(clip, _origin(model, "clip"))
     decoder_file = fetched["decoder"].path
     member = model.sources["decoder"].member
     if member:
-        decoder_file = extract_member(decoder_file, member, workdir / member, max_member_bytes)
-    decoder = load_decoder(decoder_file)
-    check_finite(decoder, decoder_file)
+        decoder_file = extract_member(decoder_file, member, workdir / member, bounds.max_member_bytes)
+    decoder = load_decoder(decoder_file, max_bytes=bounds.max_bytes)
+    check_finite(decoder, _origin(model, "decoder"))
     clash = sorted(clip.keys() & decoder.keys())
     if clash:
         raise DownloadError(f"the CLIP and decoder files share key(s) {clash}; is the same file configured twice?")
     return {name: t.contiguous() for name, t in (clip | decoder).items()}
 
 
-def write_side_files(model: params_mod.Model, fetched: dict[str, Fetched], out: Path) -> None:
+def side_files(model: params_mod.Model, fetched: dict[str, Fetched], max_member_bytes: int) -> dict[str, Path | bytes]:
+    """The checked tokenizer files and image, by output file name: a source to copy, or bytes to write."""
     if "bpe" in fetched and not ("vocab" in fetched and "merges" in fetched):
-        write_hf_files(read_bpe_gz(fetched["bpe"].path), out)
+        merges = read_bpe_gz(fetched["bpe"].path, max_member_bytes)
+        files: dict[str, Path | bytes] = hf_files(merges)
+        vocab_size = len(vocab_from_merges(merges))
     else:
-        for name, filename in (("vocab", "vocab.json"), ("merges", "merges.txt")):
-            _copy(fetched[name].path, out / filename)
-    vocab_size = check_hf_files(out / "vocab.json", out / "merges.txt")
+        files = {"vocab.json": fetched["vocab"].path, "merges.txt": fetched["merges"].path}
+        vocab_size = check_hf_files(files["vocab.json"], files["merges.txt"])
     expected = model.architecture["text"]["vocab_size"]
     if vocab_size != expected:
         raise DownloadError(
             f"the tokenizer has {vocab_size} tokens but models.{model.variant}.architecture.text.vocab_size is {expected}; "
             "the tokenizer files do not belong to this model"
         )
-    _check_image(fetched["image"].path)
-    _copy(fetched["image"].path, out / "image")
+    load_image(fetched["image"].path)  # refuses what is not a whole, reasonably sized image
+    return files | {"image": fetched["image"].path}
 
 
-def _check_image(path: Path) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DownloadError(f"{path}: the image source is not a readable image ({exc})") from exc
-
-
-def _copy(source: Path, dest: Path) -> None:
-    with open(source, "rb") as reader, atomic_output(dest) as writer:
-        shutil.copyfileobj(reader, writer, 1 << 20)
+def _write(content: Path | bytes, dest: Path) -> None:
+    with atomic_output(dest) as writer:
+        if isinstance(content, bytes):
+            writer.write(content)
+        else:
+            with open(content, "rb") as reader:
+                shutil.copyfileobj(reader, writer, 1 << 20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
         )
         fetched = fetch_all(model, policy, args.cache, Path.cwd())
-        args.out.mkdir(parents=True, exist_ok=True)
-        tensors = original_tensors(model, fetched, args.cache / "extracted" / args.variant, params.download.max_member_bytes)
-        write_side_files(model, fetched, args.out)
+        tensors = original_tensors(model, fetched, args.cache / "extracted" / args.variant, params.download)
+        files = side_files(model, fetched, params.download.max_member_bytes)
+        # Every source is checked: only now is anything written to the output folder.
+        for filename, content in files.items():
+            _write(content, args.out / filename)
         hashes = {name: f.sha256 for name, f in fetched.items()}
         metadata = {"stage": STAGE, "variant": args.variant, "source_sha256": " ".join(f"{k}={v}" for k, v in sorted(hashes.items()))}
         write_safetensors(args.out / "original.safetensors", tensors, metadata)
-        verify_written(args.out / "original.safetensors", tensors)
         write_json(args.report, {
             "stage": STAGE,
             "variant": args.variant,

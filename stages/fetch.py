@@ -12,6 +12,7 @@ Every expected failure is a `FetchError` whose message names the source and URL 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -74,10 +75,13 @@ def fetch(
     """Return the verified bytes of source `name`; http(s) sources are downloaded to `dest`."""
     pin = _check_pin(name, url, sha256)
     scheme = urlsplit(url).scheme
-    if scheme in ("http", "https"):
-        return _fetch_http(name, url, pin, dest, policy)
-    if scheme in ("file", ""):
-        return _fetch_local(name, url, pin, policy, root)
+    try:
+        if scheme in ("http", "https"):
+            return _fetch_http(name, url, pin, dest, policy)
+        if scheme in ("file", ""):
+            return _fetch_local(name, url, pin, policy, root)
+    except OSError as exc:  # the local disk, not the network: requests' errors are handled where they arise
+        raise _error(name, url, _disk_problem(exc, dest)) from exc
     raise _error(
         name, url, f"the scheme {scheme!r} is not supported. Set the source's `url` in params.yaml to one "
         f"of: {ACCEPTED_FORMS}."
@@ -313,6 +317,16 @@ def _unreachable(name: str, url: str, reason: NewConnectionError) -> FetchError:
     host = urlsplit(url).netloc.rpartition("@")[2]  # as written in the URL, without any user:password
     why = "the name does not resolve" if isinstance(reason, NameResolutionError) else "connection refused"
     return _network_error(name, url, f"could not reach host {host} ({why}).")
+
+
+def _disk_problem(exc: OSError, dest: Path) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the disk holding {dest.parent} is full ({exc.strerror}). Free some space and run again: a download "
+            "resumes from the bytes already received."
+        )
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"could not read or write{where} ({exc.strerror or exc}). Check the path and its permissions."
 
 
 def _too_large(size: str, bound: int) -> str:

@@ -42,23 +42,34 @@ def config_from_architecture(arch: Mapping) -> CLIPSegConfig:
     )
 
 
-def build_model(config: CLIPSegConfig, tensors: Mapping[str, torch.Tensor]) -> CLIPSegForImageSegmentation:
-    """Construct on the meta device (no memory, no random init) and assign `tensors`; every key accounted for."""
+def meta_model(config: CLIPSegConfig) -> CLIPSegForImageSegmentation:
+    """The model's structure without memory or a random initialisation."""
     with torch.device("meta"):
-        model = CLIPSegForImageSegmentation(config)
+        return CLIPSegForImageSegmentation(config)
+
+
+def check_state_dict(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Strict accounting: exactly the model's state dict keys, each with the model's shape."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
     wrong = sorted(
-        f"{name}: model wants {list(expected[name])}, got {list(tensors[name].shape)}"
-        for name in expected.keys() & tensors.keys()
-        if tuple(tensors[name].shape) != expected[name]
+        f"{name}: model wants {list(expected[name])}, got {list(shapes[name])}"
+        for name in expected.keys() & shapes.keys()
+        if tuple(shapes[name]) != expected[name]
     )
     if missing or unexpected or wrong:
+        problems = [f"{label} {items}" for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong)) if items]
         raise BuildError(
-            f"the remapped tensors do not fit CLIPSegForImageSegmentation: missing {missing}, unexpected {unexpected}, "
-            f"wrong shapes {wrong}. Rerun remap-weights after fixing the variant's architecture"
+            f"the remapped tensors do not fit CLIPSegForImageSegmentation: {'; '.join(problems)}. "
+            "Rerun remap-weights after fixing the variant's architecture"
         )
+
+
+def build_model(config: CLIPSegConfig, tensors: Mapping[str, torch.Tensor]) -> CLIPSegForImageSegmentation:
+    """Construct on the meta device (no memory, no random init) and assign `tensors`; every key accounted for."""
+    model = meta_model(config)
+    check_state_dict(model, {name: tuple(t.shape) for name, t in tensors.items()})
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     _materialize_buffers(model)
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,28 +52,56 @@ def tokenizer(directory: Path):
 
 
 def load_image(path: Path):
-    """An RGB PIL image, upright as its EXIF orientation says, or a clear error naming the file."""
+    """An RGB PIL image, upright as its EXIF orientation says, or a clear error naming the file.
+
+    Images larger than PIL's decompression-bomb bound (about 89 million pixels) are refused before they are decoded.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return upright.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: refusing an image this large ({exc}); use an image of a few megapixels") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from exc
-    return upright.convert("RGB")
 
 
 def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     return image_processor(size, mean, std)(images=image, return_tensors="pt")["pixel_values"]
 
 
-def token_ids(tok, prompts: Sequence[str], padding: str = "longest") -> dict[str, torch.Tensor]:
+def token_ids(tok, prompts: Sequence[str | bytes], padding: str = "longest") -> dict[str, torch.Tensor]:
+    if isinstance(prompts, (str, bytes)):
+        raise InputError(f"expected a list of prompts, got the single text {prompts[:60]!r}; pass [text]")
     if not prompts:
         raise InputError("no prompts given; pass at least one prompt text")
-    bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
-    if bad:
-        raise InputError(f"empty or non-text prompt(s) {bad!r}; every prompt must be a non-empty string")
+    texts = [_text(index, prompt) for index, prompt in enumerate(prompts)]
     # Prompts longer than CLIP's context are cut (the end token is kept), as CLIP's own tokenize(truncate=True) does.
-    encoded = tok(list(prompts), padding=padding, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
+    encoded = tok(texts, padding=padding, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _text(index: int, prompt: object) -> str:
+    """A prompt as text the tokenizer takes: bytes must be UTF-8, and text must be encodable as UTF-8."""
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"prompt {index} ({prompt[:60]!r}) is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                "write prompts as UTF-8"
+            ) from exc
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"prompt {index} is {prompt!r}; every prompt must be a non-empty text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"prompt {index} ({prompt[:60]!r}) holds characters that are not text ({exc.reason}); fix its encoding"
+        ) from exc
+    return prompt

@@ -1,13 +1,17 @@
 """Readers for the original CLIPSeg files: OpenAI's CLIP archive, the decoder .pth and the zip that carries it.
 
 Trust boundary: a decoder .pth and a plain CLIP state dict are read with `torch.load(weights_only=True)`, which never
-runs pickled code. A TorchScript archive can only be read by TorchScript's loader, which compiles the archive's code;
-it is loaded only when its sha256 was pinned in params.yaml and matched, i.e. only the exact file that OpenAI published.
+runs pickled code, and only in torch's zip format, after the archive's unpacked size was checked against a bound (the
+legacy format allocates whatever its pickle asks for before any check can run). A TorchScript archive can only be read
+by TorchScript's loader, which compiles the archive's code; it is loaded only when its sha256 was pinned in params.yaml
+and matched, i.e. only the exact file that OpenAI published.
 """
 
 from __future__ import annotations
 
 import pickle
+import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -15,7 +19,6 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from .errors import PipelineError
-
 from .tensor_io import atomic_output
 
 # OpenAI's CLIP file carries these three non-weight scalars beside the weights.
@@ -23,6 +26,17 @@ CLIP_SCALARS = ("input_resolution", "context_length", "vocab_size")
 # Telltale keys that say which file we hold.
 CLIP_TELLTALE = "visual.conv1.weight"
 DECODER_TELLTALE = "film_mul.weight"
+# What describe() calls the two zip layouts torch writes.
+TORCHSCRIPT = "a TorchScript archive"
+STATE_DICT_ZIP = "a torch.save state dict"
+# What torch.load raises on a damaged file besides UnpicklingError (found by fuzzing truncated and bit-flipped files).
+TORCH_LOAD_ERRORS = (
+    RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, MemoryError, struct.error
+)  # fmt: skip
+# torch's own UnpicklingError text around the one line that says what was refused.
+TORCH_BOILERPLATE = (
+    "Weights only load failed", "Check the documentation", "Please file an issue", "Re-running `torch.load`"
+)  # fmt: skip
 
 
 class SourceFormatError(PipelineError):
@@ -37,19 +51,23 @@ def describe(path: Path) -> str:
         return "an HTML or XML page (a server's error or login page saved as the file?)"
     if head.startswith(b"\x1f\x8b"):
         return "a gzip file"
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80":
         return "a legacy (non-zip) torch/pickle file"
     if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK\x03\x04"):
+            return "a damaged zip archive (its member directory is missing: a truncated download?)"
         return f"an unrecognised file starting with bytes {head[:8].hex()}"
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except zipfile.BadZipFile:
-        return "a corrupt zip archive"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "a damaged zip archive"
     if any(PurePosixPath(n).parts[1:2] == ("code",) for n in names) or any(n.endswith("/constants.pkl") for n in names):
-        return "a TorchScript archive"
+        return TORCHSCRIPT
     if any(n.endswith("/data.pkl") for n in names):
-        return "a torch.save state dict"
+        return STATE_DICT_ZIP
     return f"a zip archive with members {sorted(names)[:20]}"
 
 
@@ -66,7 +84,7 @@ def extract_member(archive_path: Path, member: str, dest: Path, max_bytes: int) 
     """
     try:
         archive = zipfile.ZipFile(archive_path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise SourceFormatError(f"{archive_path}: expected a zip archive holding {member!r}, found {describe(archive_path)} ({exc})") from exc
     with archive:
         names = archive.namelist()
@@ -77,20 +95,25 @@ def extract_member(archive_path: Path, member: str, dest: Path, max_bytes: int) 
         if len(matches) != 1:
             found = "no member" if not matches else f"{len(matches)} members"
             raise SourceFormatError(
-                f"{archive_path}: {found} named {member!r}; members: {names}. Set the source's `member` to one of them"
+                f"{archive_path}: {found} named {member!r}; members: {names}. Set the source's `member` in "
+                "params.yaml to the file name of one of them"
             )
         info = matches[0]
         if info.file_size > max_bytes:
             raise SourceFormatError(
                 f"{archive_path}: member {info.filename!r} unpacks to {info.file_size} bytes, above the bound {max_bytes} "
-                "(params: download.max_member_bytes)"
+                "(params: download.max_member_bytes); refusing a possible decompression bomb. Raise the bound only if "
+                "the member really is that large"
             )
-        _copy_bounded(archive, info, dest, max_bytes, archive_path)
+        _copy_bounded(archive, info, dest, max_bytes, archive_path, names)
     return dest
 
 
-def _copy_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, max_bytes: int, archive_path: Path) -> None:
-    # The size in the zip directory can lie (a decompression bomb): count the bytes as they unpack.
+def _copy_bounded(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, max_bytes: int, archive_path: Path, names: list[str]
+) -> None:
+    # The size in the zip directory can lie (a decompression bomb): count the bytes as they unpack. (Python's zipfile
+    # also stops at the declared size and then fails the CRC check, so a lie ends as "corrupt", not as a full disk.)
     written = 0
     try:
         with archive.open(info) as source, atomic_output(dest) as target:
@@ -102,55 +125,119 @@ def _copy_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, m
                         "(params: download.max_member_bytes); refusing a possible decompression bomb"
                     )
                 target.write(chunk)
-    except (zipfile.BadZipFile, zlib.error) as exc:
-        raise SourceFormatError(f"{archive_path}: the zip archive is corrupt ({exc}); download it again") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
+        raise SourceFormatError(
+            f"{archive_path}: member {info.filename!r} cannot be unpacked: the zip archive is corrupt or unsupported "
+            f"({exc}); members: {names}. Download it again"
+        ) from exc
 
 
-def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A torch.save'd state dict, read without executing pickled code."""
+def check_unpacked_size(path: Path, max_bytes: int) -> None:
+    """Refuse a torch zip whose members unpack to more than `max_bytes`, before torch allocates anything for them.
+
+    torch's reader allocates each member at the size the zip directory declares (and checks every tensor against the
+    size of its member), so bounding the declared sizes bounds the memory a checkpoint can claim.
+    """
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+    if unpacked > max_bytes:
+        raise SourceFormatError(
+            f"{path}: the checkpoint unpacks to {unpacked} bytes, above the bound {max_bytes} (params: download.max_bytes); "
+            "refusing a possible decompression bomb. Raise download.max_bytes only if the file really is that large"
+        )
+
+
+def load_state_dict(path: Path, what: str, max_bytes: int) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict in torch's zip format, read without executing pickled code."""
+    kind = describe(path)
+    if kind != STATE_DICT_ZIP:
+        raise SourceFormatError(f"{path}: expected {what} (a torch.save state dict, zip format), found {_with_hint(kind)}")
+    check_unpacked_size(path, max_bytes)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise SourceFormatError(
-            f"{path}: refused to read {what}: the file's pickle asks for code or objects beyond plain tensors "
-            f"({str(exc).splitlines()[0]}). Only plain state dicts are accepted; get the file from its published source"
+            f"{path}: refused to read {what}: its pickle is damaged or asks for code or objects beyond plain tensors "
+            f"({_unpickling_reason(exc)}). Nothing from it was run; only plain state dicts are read. Get the file from "
+            "its published source"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise SourceFormatError(f"{path}: expected {what} (a torch.save state dict), found {describe(path)} ({exc})") from exc
+    except TORCH_LOAD_ERRORS as exc:
+        raise SourceFormatError(
+            f"{path}: expected {what} (a torch.save state dict), the file is damaged ({_first_line(exc)})"
+        ) from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    if not isinstance(data, dict):
         raise SourceFormatError(f"{path}: expected {what} (a mapping of names to tensors), found a {type(data).__name__}")
+    odd = sorted(
+        f"{k!r}: {type(v).__name__}" for k, v in data.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))
+    )
+    if odd:
+        raise SourceFormatError(f"{path}: expected {what} (a mapping of names to tensors), found entries {odd[:10]}")
     return data
 
 
-def load_decoder(path: Path) -> dict[str, torch.Tensor]:
+def _with_hint(kind: str) -> str:
+    if kind.startswith("a legacy"):
+        return f"{kind} (re-save it with torch >= 1.6, whose torch.save writes the zip format)"
+    return kind
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith(TORCH_BOILERPLATE)]
+    return lines[0] if lines else _first_line(exc)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_decoder(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
     kind = describe(path)
-    if kind == "a TorchScript archive":
-        raise SourceFormatError(f"{path}: expected the CLIPSeg decoder as a torch.save state dict, found {kind}")
-    state = load_state_dict(path, "the CLIPSeg decoder weights")
+    if kind == TORCHSCRIPT:
+        raise SourceFormatError(
+            f"{path}: expected the CLIPSeg decoder as a torch.save state dict, found {kind} (is the CLIP file configured "
+            "as the decoder?)"
+        )
+    if kind.startswith("a zip archive with members"):
+        raise SourceFormatError(
+            f"{path}: expected the CLIPSeg decoder as a torch.save state dict, found {kind}. If this is the authors' "
+            "weights zip, set the decoder source's `member` in params.yaml to the .pth file to take from it"
+        )
+    state = load_state_dict(path, "the CLIPSeg decoder weights", max_bytes)
     if DECODER_TELLTALE not in state:
         hint = " (it holds CLIP backbone keys: is the clip file configured as the decoder?)" if CLIP_TELLTALE in state else ""
         raise SourceFormatError(f"{path}: not a CLIPSeg decoder: no {DECODER_TELLTALE!r} among its keys{hint}")
     return state
 
 
-def load_clip(path: Path, pinned: bool) -> dict[str, torch.Tensor]:
+def load_clip(path: Path, pinned: bool, max_bytes: int) -> dict[str, torch.Tensor]:
     """OpenAI's CLIP weights from its TorchScript archive, or from a plain state dict as OpenAI's loader accepts."""
     kind = describe(path)
-    if kind == "a TorchScript archive":
+    if kind == TORCHSCRIPT:
         if not pinned:
             raise SourceFormatError(
                 f"{path}: a TorchScript archive is only loaded when its sha256 is pinned (TorchScript loading compiles "
                 "code from the file). Set the clip source's `sha256` in params.yaml to the published hash"
             )
+        check_unpacked_size(path, max_bytes)
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as exc:
-            raise SourceFormatError(f"{path}: the TorchScript archive does not load ({str(exc).splitlines()[0]})") from exc
+            with warnings.catch_warnings():
+                # TorchScript is deprecated, but it is the format OpenAI published: nothing to act on.
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+        except TORCH_LOAD_ERRORS as exc:
+            raise SourceFormatError(f"{path}: the TorchScript archive does not load ({_first_line(exc)})") from exc
         state = {name: tensor.detach() for name, tensor in module.state_dict().items()}
+    elif kind == STATE_DICT_ZIP:
+        state = load_state_dict(path, "OpenAI's CLIP weights", max_bytes)
     else:
-        state = load_state_dict(path, "OpenAI's CLIP weights")
+        raise SourceFormatError(
+            f"{path}: expected OpenAI's CLIP weights (a TorchScript archive or a torch.save state dict), "
+            f"found {_with_hint(kind)}"
+        )
     if CLIP_TELLTALE not in state:
         hint = " (it holds CLIPSeg decoder keys: is the decoder file configured as clip?)" if DECODER_TELLTALE in state else ""
         raise SourceFormatError(f"{path}: not an OpenAI CLIP checkpoint: no {CLIP_TELLTALE!r} among its keys{hint}")

@@ -17,6 +17,7 @@ SOURCE_NAMES_REQUIRED = ("clip", "decoder", "image")
 # Tokenizer files come either as Hugging Face's vocab.json + merges.txt, or as CLIP's bpe_simple_vocab_16e6.txt.gz.
 TOKENIZER_SOURCES = (("vocab", "merges"), ("bpe",))
 DTYPES = ("float32", "float16", "bfloat16")
+TOP_LEVEL = "(top level)"  # how messages name the file's outermost mapping
 
 
 class ParamsError(PipelineError):
@@ -114,7 +115,7 @@ def _section(data: Any, where: str, required: dict[str, type], optional: dict[st
     if not isinstance(data, dict):
         raise ParamsError(f"params.yaml: `{where}` must be a mapping, found {type(data).__name__}")
     allowed = {**required, **optional}
-    unknown = sorted(set(data) - set(allowed))
+    unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
         raise ParamsError(f"params.yaml: unknown key(s) {unknown} in `{where}`; allowed: {sorted(allowed)}")
     missing = sorted(set(required) - set(data))
@@ -122,8 +123,9 @@ def _section(data: Any, where: str, required: dict[str, type], optional: dict[st
         raise ParamsError(f"params.yaml: `{where}` lacks {missing}")
     for key, kind in allowed.items():
         if key in data and not _is(data[key], kind):
+            name = key if where == TOP_LEVEL else f"{where}.{key}"
             raise ParamsError(
-                f"params.yaml: `{where}.{key}` must be {_kind_name(kind)}, found {data[key]!r} ({type(data[key]).__name__})"
+                f"params.yaml: `{name}` must be {_kind_name(kind)}, found {data[key]!r} ({type(data[key]).__name__})"
             )
     return data
 
@@ -140,6 +142,20 @@ def _is(value: Any, kind: Any) -> bool:
     return isinstance(value, kind)
 
 
+def _at_least(value: float, minimum: float, where: str, what: str = "") -> None:
+    if value < minimum:
+        bound = {0: "0 or more", 1: "1 or more"}.get(minimum, f"at least {minimum}")
+        raise ParamsError(f"params.yaml: `{where}` must be {what or bound}, found {value!r}")
+
+
+def _numbers(data: Any, where: str, length: int | None = None) -> tuple[float, ...]:
+    """A non-empty list of numbers (of `length` items when given)."""
+    if not isinstance(data, list) or not data or not all(_is(v, float) for v in data) or length not in (None, len(data)):
+        count = f"{length} numbers" if length else "a non-empty list of numbers"
+        raise ParamsError(f"params.yaml: `{where}` must be {count}, found {data!r}")
+    return tuple(data)
+
+
 def _kind_name(kind: Any) -> str:
     if isinstance(kind, tuple):
         return " or ".join(_kind_name(k) for k in kind)
@@ -148,12 +164,32 @@ def _kind_name(kind: Any) -> str:
 
 def _architecture(data: Any, where: str) -> dict[str, Any]:
     arch = _section(data, where, ARCH_TOP)
-    _section(arch["vision"], f"{where}.vision", dict.fromkeys(ARCH_VISION, int))
-    _section(arch["text"], f"{where}.text", dict.fromkeys(ARCH_TEXT, int))
+    for tower, keys in (("vision", ARCH_VISION), ("text", ARCH_TEXT)):
+        _section(arch[tower], f"{where}.{tower}", dict.fromkeys(keys, int))
+        for key in keys:
+            _at_least(arch[tower][key], 1, f"{where}.{tower}.{key}")
+    for key in ("projection_dim", "reduce_dim", "decoder_num_attention_heads", "decoder_intermediate_size"):
+        _at_least(arch[key], 1, f"{where}.{key}")
     layers = arch["extract_layers"]
     depth = arch["vision"]["num_hidden_layers"]
     if not layers or not all(_is(i, int) and 0 <= i < depth for i in layers):
         raise ParamsError(f"params.yaml: `{where}.extract_layers` must list block indices in 0..{depth - 1}, found {layers}")
+    if not 0 <= arch["conditional_layer"] < len(layers):
+        raise ParamsError(
+            f"params.yaml: `{where}.conditional_layer` must index extract_layers (0..{len(layers) - 1}), "
+            f"found {arch['conditional_layer']}"
+        )
+    vision = arch["vision"]
+    if vision["image_size"] % vision["patch_size"]:
+        raise ParamsError(
+            f"params.yaml: `{where}.vision.image_size` ({vision['image_size']}) must be a multiple of patch_size "
+            f"({vision['patch_size']})"
+        )
+    if arch["use_complex_transposed_convolution"] and (vision["patch_size"] % 4 or arch["reduce_dim"] % 2):
+        raise ParamsError(
+            f"params.yaml: `{where}`: the refined decoder (use_complex_transposed_convolution) needs a patch_size divisible "
+            f"by 4 and an even reduce_dim, found {vision['patch_size']} and {arch['reduce_dim']}"
+        )
     for name, width, heads in (
         ("vision", arch["vision"]["hidden_size"], arch["vision"]["num_attention_heads"]),
         ("text", arch["text"]["hidden_size"], arch["text"]["num_attention_heads"]),
@@ -166,17 +202,26 @@ def _architecture(data: Any, where: str) -> dict[str, Any]:
 
 def _source(name: str, data: Any, where: str) -> Source:
     src = _section(data, where, {"url": str, "sha256": (str, None)}, {"member": (str, None)})
+    if not src["url"].strip():
+        raise ParamsError(f"params.yaml: `{where}.url` is empty; give a URL, or a path relative to the repository root")
     sha = src["sha256"]
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
         raise ParamsError(f"params.yaml: `{where}.sha256` must be 64 lowercase hex digits or null, found {sha!r}")
-    return Source(name=name, url=src["url"], sha256=sha, member=src.get("member"))
+    member = src.get("member")
+    # The member is found by its file name wherever it sits in the zip; a path here could only mislead.
+    if member is not None and (not member or member in (".", "..") or any(c in member for c in "/\\:\0")):
+        raise ParamsError(
+            f"params.yaml: `{where}.member` must be a plain file name inside the zip (like rd64-uni.pth, no folders), "
+            f"found {member!r}"
+        )
+    return Source(name=name, url=src["url"], sha256=sha, member=member)
 
 
 def _sources(data: Any, where: str) -> dict[str, Source]:
     if not isinstance(data, dict):
         raise ParamsError(f"params.yaml: `{where}` must be a mapping of source name to {{url, sha256}}")
     allowed = set(SOURCE_NAMES_REQUIRED) | {n for group in TOKENIZER_SOURCES for n in group}
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - allowed, key=str)
     if unknown:
         raise ParamsError(f"params.yaml: unknown source(s) {unknown} in `{where}`; allowed: {sorted(allowed)}")
     missing = [n for n in SOURCE_NAMES_REQUIRED if n not in data]
@@ -184,10 +229,7 @@ def _sources(data: Any, where: str) -> dict[str, Source]:
         raise ParamsError(f"params.yaml: `{where}` lacks the source(s) {missing}")
     if not any(all(n in data for n in group) for group in TOKENIZER_SOURCES):
         raise ParamsError(f"params.yaml: `{where}` needs tokenizer files: either `vocab` and `merges`, or `bpe`")
-    sources = {name: _source(name, value, f"{where}.{name}") for name, value in sorted(data.items())}
-    if not sources["decoder"].url:
-        raise ParamsError(f"params.yaml: `{where}.decoder.url` is empty")
-    return sources
+    return {name: _source(name, value, f"{where}.{name}") for name, value in sorted(data.items())}
 
 
 def _expected(data: Any, where: str) -> Expected | None:
@@ -209,16 +251,29 @@ def _expected(data: Any, where: str) -> Expected | None:
     )
     if exp["padding"] not in ("max_length", "longest"):
         raise ParamsError(f"params.yaml: `{where}.padding` must be 'max_length' or 'longest', found {exp['padding']!r}")
+    _at_least(exp["atol"], 0, f"{where}.atol")
+    logits = exp["logits"]
+    if not logits or not all(isinstance(row, list) and len(row) == len(logits) for row in logits):
+        raise ParamsError(
+            f"params.yaml: `{where}.logits` must be a square list of rows (logits[0, :n, :n]), found {logits!r}"
+        )
     return Expected(
-        prompts=tuple(exp["prompts"]),
+        prompts=_prompts(exp["prompts"], f"{where}.prompts"),
         padding=exp["padding"],
-        image_mean=tuple(exp["image_mean"]),
-        image_std=tuple(exp["image_std"]),
+        image_mean=_numbers(exp["image_mean"], f"{where}.image_mean", 3),
+        image_std=_std(exp["image_std"], f"{where}.image_std"),
         atol=float(exp["atol"]),
-        logits=tuple(tuple(row) for row in exp["logits"]),
-        conditional_embeddings=tuple(exp["conditional_embeddings"]),
-        pooled_output=tuple(exp["pooled_output"]),
+        logits=tuple(_numbers(row, f"{where}.logits[{i}]") for i, row in enumerate(logits)),
+        conditional_embeddings=_numbers(exp["conditional_embeddings"], f"{where}.conditional_embeddings"),
+        pooled_output=_numbers(exp["pooled_output"], f"{where}.pooled_output"),
     )
+
+
+def _std(data: Any, where: str) -> tuple[float, ...]:
+    std = _numbers(data, where, 3)
+    if not all(v > 0 for v in std):
+        raise ParamsError(f"params.yaml: `{where}` must be three positive numbers (R, G, B), found {data!r}")
+    return std
 
 
 def _prompts(data: Any, where: str) -> tuple[str, ...]:
@@ -249,20 +304,35 @@ def _model(variant: str, data: Any) -> Model:
 
 def parse(data: Any) -> Params:
     top = _section(
-        data, "(top level)", {"variants": list, "download": dict, "processor": dict, "verify": dict, "export": dict, "models": dict}
+        data, TOP_LEVEL, {"variants": list, "download": dict, "processor": dict, "verify": dict, "export": dict, "models": dict}
     )
     down = _section(top["download"], "download", {"timeout_s": float, "retries": int, "max_bytes": int, "max_member_bytes": int})
+    _at_least(down["timeout_s"], 1e-3, "download.timeout_s", "a positive number of seconds")
+    _at_least(down["retries"], 0, "download.retries")
+    _at_least(down["max_bytes"], 1, "download.max_bytes")
+    _at_least(down["max_member_bytes"], 1, "download.max_member_bytes")
     proc = _section(top["processor"], "processor", {"image_size": int, "image_mean": list, "image_std": list})
-    for name in ("image_mean", "image_std"):
-        if len(proc[name]) != 3 or not all(_is(v, float) for v in proc[name]):
-            raise ParamsError(f"params.yaml: `processor.{name}` must be three numbers (R, G, B), found {proc[name]!r}")
+    _at_least(proc["image_size"], 1, "processor.image_size")
+    _numbers(proc["image_mean"], "processor.image_mean", 3)
+    _std(proc["image_std"], "processor.image_std")
     ver = _section(top["verify"], "verify", {"atol": float, "rtol": float})
+    _at_least(ver["atol"], 0, "verify.atol")
+    _at_least(ver["rtol"], 0, "verify.rtol")
     exp = _section(top["export"], "export", {"atol": dict})
     _section(exp["atol"], "export.atol", dict.fromkeys(DTYPES, float))
+    for dtype in DTYPES:
+        _at_least(exp["atol"][dtype], 0, f"export.atol.{dtype}")
+    if not top["models"]:
+        raise ParamsError("params.yaml: `models` is empty; describe at least one variant there")
     models = {variant: _model(variant, value) for variant, value in top["models"].items()}
-    unknown = [v for v in top["variants"] if v not in models]
+    unknown = [v for v in top["variants"] if not isinstance(v, str) or v not in models]
     if unknown or not top["variants"]:
-        raise ParamsError(f"params.yaml: `variants` lists {unknown or 'nothing'}; allowed variants: {sorted(models)}")
+        raise ParamsError(
+            f"params.yaml: `variants` lists {unknown or 'nothing'}; allowed variants: {sorted(models, key=str)}"
+        )
+    repeated = sorted({v for v in top["variants"] if top["variants"].count(v) > 1})
+    if repeated:
+        raise ParamsError(f"params.yaml: `variants` lists {repeated} more than once; list each variant once")
     return Params(
         variants=tuple(top["variants"]),
         download=Download(
@@ -280,15 +350,38 @@ def parse(data: Any) -> Params:
     )
 
 
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser: 8x faster when present
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path = PARAMS_FILE) -> Params:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read the params file ({exc.strerror}); run from the repository root") from exc
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the params file as UTF-8"
+        ) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        raise ParamsError(f"{path}: the params file is empty; restore it from the repository")
     return parse(data)
 
 

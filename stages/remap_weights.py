@@ -6,6 +6,7 @@ of every rule that fired and every key dropped. The core, `remap`, is a pure fun
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from .errors import PipelineError, run_stage
 
 from . import params as params_mod
 from .original import CLIP_SCALARS, clip_shapes, decoder_shapes
-from .tensor_io import TensorFile, verify_written, write_json, write_safetensors
+from .tensor_io import LazyTensors, Spec, TensorFile, write_json, write_safetensors
 
 STAGE = "remap-weights"
 
@@ -230,6 +231,34 @@ def report_json(report: Report, variant: str, source_meta: Mapping[str, str]) ->
     }
 
 
+def shape_only(source: TensorFile) -> dict[str, torch.Tensor]:
+    """The source as meta tensors (no data) for planning; the scalar entries keep their values for the checks."""
+    return {
+        name: source[name] if spec.shape == () else torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        for name, spec in source.specs.items()
+    }
+
+
+def stream(source: Mapping[str, torch.Tensor], original_names: Mapping[str, str], plan: Mapping[str, torch.Tensor], report: Report) -> LazyTensors:
+    """The remapped tensors, each computed from its source tensor only when the writer asks for it.
+
+    `plan` is `remap` run on meta tensors: the targets' dtypes and shapes, known before any data is read.
+    """
+    origin = {target: (name, index) for name, targets in report.mapped.items() for index, target in enumerate(targets)}
+    rules = match_rules(sorted(report.mapped))
+
+    @functools.lru_cache(maxsize=4)  # a q/k/v split is asked for three times, not in a row
+    def apply(name: str) -> tuple[torch.Tensor, ...]:
+        result = rules[name][0].op(source[original_names[name]])
+        return result if isinstance(result, tuple) else (result,)
+
+    def produce(target: str) -> torch.Tensor:
+        name, index = origin[target]
+        return apply(name)[index]
+
+    return LazyTensors({name: Spec(t.dtype, tuple(t.shape)) for name, t in plan.items()}, produce)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--original", type=Path, required=True, help="the download stage's original.safetensors")
@@ -240,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         model = params_mod.load(args.params).model(args.variant)
         source = TensorFile(args.original)
-        tensors = normalize(source)
-        check_architecture(tensors, model.architecture, args.variant)
-        target, report = remap(tensors)
+        planned = normalize(shape_only(source))
+        check_architecture(planned, model.architecture, args.variant)
+        plan, report = remap(planned)
+        original_names = {name.removeprefix(FULL_MODEL_PREFIX): name for name in source}
         metadata = {"stage": STAGE, "variant": args.variant, "source_sha256": source.metadata.get("source_sha256", "")}
-        write_safetensors(args.out, target, metadata)
-        verify_written(args.out, target)
+        write_safetensors(args.out, stream(source, original_names, plan, report), metadata)
         write_json(args.report, report_json(report, args.variant, source.metadata))
 
     return run_stage(STAGE, args.variant, body)

@@ -1,20 +1,24 @@
 """File I/O shared by every stage: safetensors and JSON written atomically and deterministically.
 
 safetensors files are written by streaming one tensor at a time into a temporary file that is renamed into place, so
-a killed stage never leaves a partial file at an output path and the weights are never copied whole in memory.
-They are read back by memory mapping, one tensor at a time.
+a killed stage never leaves a partial file at an output path, and read one tensor at a time: a stage never holds more
+than the tensors it is working on, whatever the checkpoint's size. Temporary files are named after their writing
+process (`.<name>.<pid>.tmp`); the next write of the same path removes those whose process is gone (a killed run's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
+import math
 import os
 import struct
-import tempfile
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -22,6 +26,8 @@ import torch
 
 from .errors import PipelineError
 
+# The largest safetensors header we accept (the format itself caps it at 100 MB).
+MAX_HEADER_BYTES = 100_000_000
 # safetensors' dtype names; a tensor of any other dtype is refused.
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -35,20 +41,48 @@ DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class OutputError(PipelineError):
     """An output could not be written; nothing was left at its path."""
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files of `path` whose writing process no longer runs (a stage killed mid-write)."""
+    prefix = f".{path.name}."
+    for temp in Path(path).parent.glob(glob.escape(prefix) + "*" + TEMP_SUFFIX):
+        pid = temp.name[len(prefix) : -len(TEMP_SUFFIX)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            temp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no safe liveness probe (os.kill would terminate the process): keep the file
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success it is synced and renamed onto `path`, else removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    # Named after this process, so that a later run can tell a killed writer's leftover from a live one's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        # 0o666 less the umask: the permissions an ordinary new file gets.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -64,77 +98,164 @@ def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def _order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+@dataclass(frozen=True)
+class Spec:
+    """What the header needs to know of a tensor before its bytes exist."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Tensors known by their spec up front and computed one at a time when read, so that a stage can stream a
+    whole checkpoint through `write_safetensors` while holding only the tensor in hand."""
+
+    def __init__(self, specs: Mapping[str, Spec], produce: Callable[[str], torch.Tensor]):
+        self.specs = dict(specs)
+        self._produce = produce
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        tensor = self._produce(name)
+        spec = self.specs[name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise OutputError(f"tensor {name!r} came out as {tensor.dtype} {list(tensor.shape)}, planned as {spec.dtype} {list(spec.shape)}")
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def spec_of(tensors: Mapping[str, torch.Tensor], name: str) -> Spec:
+    if isinstance(tensors, (LazyTensors, TensorFile)):
+        return tensors.specs[name]
+    tensor = tensors[name]
+    return Spec(tensor.dtype, tuple(tensor.shape))
+
+
+def _order(specs: Mapping[str, Spec]) -> list[str]:
     # Largest element size first, then by name: every data offset stays aligned to its dtype (as safetensors does),
     # and the order does not depend on how the mapping was built, so the bytes are reproducible.
-    return sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    return sorted(specs, key=lambda name: (-specs[name].dtype.itemsize, name))
 
 
-def _header(tensors: Mapping[str, torch.Tensor], names: list[str], metadata: Mapping[str, str]) -> bytes:
+def _header(specs: Mapping[str, Spec], names: list[str], metadata: Mapping[str, str]) -> bytes:
     entries: dict[str, object] = {}
     offset = 0
     for name in names:
-        tensor = tensors[name]
-        if tensor.dtype not in DTYPE_NAMES:
-            raise OutputError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        size = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+        spec = specs[name]
+        if spec.dtype not in DTYPE_NAMES:
+            raise OutputError(f"tensor {name!r} has dtype {spec.dtype}, which safetensors cannot store")
+        entries[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
     if metadata:
         entries["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     header = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
     return header + b" " * (-len(header) % 8)
 
 
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _checksum(data: memoryview) -> int:
+    # A read-back check against I/O faults, not an integrity seal: adler32 runs at memory speed on 600 MB.
+    return zlib.adler32(data)
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` to `path` in the safetensors format, one tensor at a time, atomically, with sorted metadata."""
-    names = _order(tensors)
-    header = _header(tensors, names, metadata or {})
+    """Write `tensors` to `path` in the safetensors format, one tensor at a time, atomically, with sorted metadata,
+    then re-open the file and check every tensor's name, dtype, shape and bytes."""
+    specs = {name: spec_of(tensors, name) for name in tensors}
+    names = _order(specs)
+    header = _header(specs, names, metadata or {})
+    checksums = {}
     with atomic_output(path) as handle:
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
         for name in names:
-            tensor = tensors[name].detach().to("cpu").contiguous()
-            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+            data = _raw_bytes(tensors[name])
+            checksums[name] = _checksum(data)
+            handle.write(data)
+    try:
+        _verify_written(path, specs, checksums)
+    except OutputError:
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 class TensorFile(Mapping[str, torch.Tensor]):
-    """A safetensors file opened by memory mapping; each tensor is read only when asked for."""
+    """A safetensors file read one tensor at a time with plain reads (not memory mapping, whose touched pages would
+    stay resident): a stage holds only the tensors it is working on."""
 
     def __init__(self, path: Path):
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-        except (SafetensorError, OSError) as exc:
+            with open(self.path, "rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                if size > MAX_HEADER_BYTES:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(handle.read(size))
+            self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+            self._base = 8 + size
+            self._entries = {name: (_DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
             raise OutputError(f"{self.path}: not a readable safetensors file ({exc}); rerun the stage that writes it") from exc
-        self._names = sorted(self._file.keys())
-        self.metadata: dict[str, str] = dict(self._file.metadata() or {})
+        self.specs = {name: Spec(dtype, shape) for name, (dtype, shape, _, _) in self._entries.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._file.get_tensor(name)
+        dtype, shape, begin, end = self._entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        target = _raw_bytes(tensor)
+        if end - begin != len(target):
+            raise OutputError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {len(target)}")
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self._base + begin)
+            done = 0
+            while done < len(target):
+                count = handle.readinto(target[done:])
+                if not count:
+                    raise OutputError(f"{self.path}: truncated inside tensor {name!r}; rerun the stage that writes it")
+                done += count
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(sorted(self._entries))
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(name).get_shape())
+        return self.specs[name].shape
 
 
-def verify_written(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Re-open a written file and compare every tensor bit for bit with what was meant to be written."""
+def _verify_written(path: Path, specs: Mapping[str, Spec], checksums: Mapping[str, int]) -> None:
+    """Re-open a written file with the safetensors library's own parser and compare every tensor's dtype, shape and
+    bytes with what was meant to be written."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            for name in names & set(specs):
+                got = handle.get_slice(name)
+                if got.get_dtype() != DTYPE_NAMES[specs[name].dtype] or tuple(got.get_shape()) != specs[name].shape:
+                    raise OutputError(f"{path}: tensor {name!r} reads back as {got.get_dtype()} {got.get_shape()}")
+    except SafetensorError as exc:
+        raise OutputError(f"{path}: the written file does not parse as safetensors ({exc})") from exc
+    if names != set(specs):
+        raise OutputError(f"{path}: re-reading found keys {sorted(names ^ set(specs))} differing from those written")
     written = TensorFile(path)
-    if set(written) != set(tensors):
-        raise OutputError(f"{path}: re-reading found keys {sorted(set(written) ^ set(tensors))} differing from those written")
-    for name, tensor in tensors.items():
-        back = written[name]
-        if back.dtype != tensor.dtype or back.shape != tensor.shape or not torch.equal(back, tensor):
+    for name, checksum in checksums.items():
+        if _checksum(_raw_bytes(written[name])) != checksum:
             raise OutputError(f"{path}: tensor {name!r} does not read back as written; the disk or filesystem is faulty")
 
 
