@@ -6,7 +6,10 @@ decoder keys such as `film_mul.weight`, `reduces.0.weight`, `blocks.1.self_attn.
 `trans_conv.weight` / `trans_conv.{0,2,4}.weight`), the architecture mapping (`arch` in params.yaml),
 normalized pixel values and token ids.
 Output: dicts of float32 activations (`vision.block{k}`, `text.block{k}`, `decoder.step{i}`, ...) and
-the logits [P, H_out, W_out].
+the logits [P, H_out, W_out]. Each block's parts are recorded too (`vision.block3.attention`, ...), and
+every dict lists its entries in the order the forward pass computes them, a part before its block:
+the vision tower, the pooled output, the text tower, the conditional embeddings, the decoder steps,
+the logits. The first entry where a converted model disagrees is therefore where its fault starts.
 
 Written from shared/ORIGINAL_FORMAT.md with plain torch and nothing from transformers, so that it
 can prove a conversion to the Hugging Face layout correct. Every tensor is cast to float32 when
@@ -91,23 +94,46 @@ def _mha(x: Tensor, in_w: Tensor, in_b: Tensor, out_w: Tensor, out_b: Tensor, he
     return F.linear(out.transpose(1, 2).reshape(batch, tokens, width), out_w, out_b)
 
 
-def _clip_block(x: Tensor, p: Mapping[str, Tensor], heads: int, causal: bool) -> Tensor:
-    """OpenAI CLIP residual block: pre-LayerNorm, QuickGELU MLP."""
-    h = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"])
-    x = x + _mha(h, p["attn.in_proj_weight"], p["attn.in_proj_bias"],
-                 p["attn.out_proj.weight"], p["attn.out_proj.bias"], heads, causal)
-    h = F.linear(_layer_norm(x, p["ln_2.weight"], p["ln_2.bias"]), p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])
-    h = h * torch.sigmoid(QUICK_GELU_SCALE * h)
-    return x + F.linear(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+def _clip_block(x: Tensor, p: Mapping[str, Tensor], heads: int, causal: bool,
+                parts: dict[str, Tensor] | None = None) -> Tensor:
+    """OpenAI CLIP residual block: pre-LayerNorm, QuickGELU MLP.
+
+    `parts`, when given, receives what each sub-layer outputs, in order: norm1, attention, norm2, mlp.
+    """
+    norm1 = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"])
+    attention = _mha(norm1, p["attn.in_proj_weight"], p["attn.in_proj_bias"],
+                     p["attn.out_proj.weight"], p["attn.out_proj.bias"], heads, causal)
+    x = x + attention
+    norm2 = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"])
+    h = F.linear(norm2, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])
+    mlp = F.linear(h * torch.sigmoid(QUICK_GELU_SCALE * h), p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    if parts is not None:
+        parts.update(norm1=norm1, attention=attention, norm2=norm2, mlp=mlp)
+    return x + mlp
 
 
-def _decoder_block(x: Tensor, p: Mapping[str, Tensor], heads: int) -> Tensor:
-    """nn.TransformerEncoderLayer in eval mode: post-norm, ReLU (dropout is off at inference)."""
-    x = _layer_norm(x + _mha(x, p["self_attn.in_proj_weight"], p["self_attn.in_proj_bias"],
-                             p["self_attn.out_proj.weight"], p["self_attn.out_proj.bias"], heads, False),
-                    p["norm1.weight"], p["norm1.bias"])
-    h = F.linear(F.relu(F.linear(x, p["linear1.weight"], p["linear1.bias"])), p["linear2.weight"], p["linear2.bias"])
-    return _layer_norm(x + h, p["norm2.weight"], p["norm2.bias"])
+def _decoder_block(x: Tensor, p: Mapping[str, Tensor], heads: int, parts: dict[str, Tensor] | None = None) -> Tensor:
+    """nn.TransformerEncoderLayer in eval mode: post-norm, ReLU (dropout is off at inference).
+
+    `parts`, when given, receives what each sub-layer outputs, in order: attention, norm1, mlp, norm2.
+    """
+    attention = _mha(x, p["self_attn.in_proj_weight"], p["self_attn.in_proj_bias"],
+                     p["self_attn.out_proj.weight"], p["self_attn.out_proj.bias"], heads, False)
+    norm1 = _layer_norm(x + attention, p["norm1.weight"], p["norm1.bias"])
+    mlp = F.linear(F.relu(F.linear(norm1, p["linear1.weight"], p["linear1.bias"])), p["linear2.weight"], p["linear2.bias"])
+    norm2 = _layer_norm(norm1 + mlp, p["norm2.weight"], p["norm2.bias"])
+    if parts is not None:
+        parts.update(attention=attention, norm1=norm1, mlp=mlp, norm2=norm2)
+    return norm2
+
+
+def _run_block(out: dict[str, Tensor], name: str, block, x: Tensor, *args) -> Tensor:
+    """Run `block` on x, recording its parts as `name.part` and then its output as `name` in `out`."""
+    parts: dict[str, Tensor] = {}
+    x = block(x, *args, parts)
+    out |= {f"{name}.{part}": value for part, value in parts.items()}
+    out[name] = x
+    return x
 
 
 def _positional_embedding(tensors: Mapping[str, Tensor], arch: Mapping, grid: tuple[int, int]) -> Tensor:
@@ -124,7 +150,8 @@ def _positional_embedding(tensors: Mapping[str, Tensor], arch: Mapping, grid: tu
 
 
 def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor) -> dict[str, Tensor]:
-    """Normalized pixels [B, 3, H, W] -> {"vision.embeddings", "vision.block{k}": [B, T, W], "pooled_output"}.
+    """Normalized pixels [B, 3, H, W] -> {"vision.embeddings", "vision.pre_norm", "vision.block{k}[.part]": [B, T, W],
+    "vision.post_norm": [B, W], "pooled_output": [B, proj]}.
 
     T = 1 + (H // patch) * (W // patch): the class token first, then the patches row by row.
     """
@@ -138,21 +165,23 @@ def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Ten
     x = x.flatten(2).transpose(1, 2)
     cls = _tensor(tensors, "visual.class_embedding", (width,)).expand(x.shape[0], 1, width)
     x = torch.cat([cls, x], dim=1) + _positional_embedding(tensors, arch, grid)
-    ln_pre = _group(tensors, "visual.ln_pre.", {"weight": (width,), "bias": (width,)})
-    x = _layer_norm(x, ln_pre["weight"], ln_pre["bias"])
     out = {"vision.embeddings": x}
+    ln_pre = _group(tensors, "visual.ln_pre.", {"weight": (width,), "bias": (width,)})
+    x = out["vision.pre_norm"] = _layer_norm(x, ln_pre["weight"], ln_pre["bias"])
     shapes = _clip_block_shapes(width, vision["intermediate_size"])
     for k in range(vision["num_hidden_layers"]):
-        x = _clip_block(x, _group(tensors, f"visual.transformer.resblocks.{k}.", shapes), heads, causal=False)
-        out[f"vision.block{k}"] = x
+        p = _group(tensors, f"visual.transformer.resblocks.{k}.", shapes)
+        x = _run_block(out, f"vision.block{k}", _clip_block, x, p, heads, False)
     ln_post = _group(tensors, "visual.ln_post.", {"weight": (width,), "bias": (width,)})
     proj = _tensor(tensors, "visual.proj", (width, arch["projection_dim"]))
-    out["pooled_output"] = _layer_norm(x[:, 0], ln_post["weight"], ln_post["bias"]) @ proj
+    out["vision.post_norm"] = _layer_norm(x[:, 0], ln_post["weight"], ln_post["bias"])
+    out["pooled_output"] = out["vision.post_norm"] @ proj
     return out
 
 
 def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor) -> dict[str, Tensor]:
-    """Token ids [P, L] -> {"text.block{k}" [P, L, Wt], "conditional_embeddings" [P, proj]}."""
+    """Token ids [P, L] -> {"text.embeddings", "text.block{k}[.part]", "text.final_norm": [P, L, Wt],
+    "text.pooled": [P, Wt], "conditional_embeddings": [P, proj]}."""
     text = arch["text"]
     width, vocab, context = text["hidden_size"], text["vocab_size"], text["max_position_embeddings"]
     if input_ids.ndim != 2 or input_ids.shape[1] > context:
@@ -163,21 +192,27 @@ def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor)
     ids = input_ids.long()
     x = F.embedding(ids, _tensor(tensors, "token_embedding.weight", (vocab, width)))
     x = x + _tensor(tensors, "positional_embedding", (context, width))[: ids.shape[1]]
-    out, heads = {}, text["num_attention_heads"]
+    out, heads = {"text.embeddings": x}, text["num_attention_heads"]
     shapes = _clip_block_shapes(width, text["intermediate_size"])
     for k in range(text["num_hidden_layers"]):
-        x = _clip_block(x, _group(tensors, f"transformer.resblocks.{k}.", shapes), heads, causal=True)
-        out[f"text.block{k}"] = x
+        p = _group(tensors, f"transformer.resblocks.{k}.", shapes)
+        x = _run_block(out, f"text.block{k}", _clip_block, x, p, heads, True)
     ln_final = _group(tensors, "ln_final.", {"weight": (width,), "bias": (width,)})
-    x = _layer_norm(x, ln_final["weight"], ln_final["bias"])
+    x = out["text.final_norm"] = _layer_norm(x, ln_final["weight"], ln_final["bias"])
     # CLIP's end token has the largest id in its vocabulary, so the argmax finds it in every prompt.
-    pooled = x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)]
-    out["conditional_embeddings"] = pooled @ _tensor(tensors, "text_projection", (width, arch["projection_dim"]))
+    out["text.pooled"] = x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)]
+    out["conditional_embeddings"] = out["text.pooled"] @ _tensor(tensors, "text_projection",
+                                                                 (width, arch["projection_dim"]))
     return out
 
 
-def _trans_conv(tensors: Mapping[str, Tensor], arch: Mapping, a: Tensor) -> Tensor:
-    """Decoder upsampling: [P, D, g, g] -> [P, 1, g*patch, g*patch]."""
+def _trans_conv(tensors: Mapping[str, Tensor], arch: Mapping, a: Tensor,
+                parts: dict[str, Tensor] | None = None) -> Tensor:
+    """Decoder upsampling: [P, D, g, g] -> [P, 1, g*patch, g*patch].
+
+    For the refined variant, `parts` (when given) receives the outputs of its first two layers before
+    their ReLU, named after their original keys: trans_conv0, trans_conv2.
+    """
     d, patch = arch["reduce_dim"], arch["vision"]["patch_size"]
     if not arch["use_complex_transposed_convolution"]:
         p = _group(tensors, "trans_conv.", {"weight": (d, 1, patch, patch), "bias": (1,)})
@@ -190,16 +225,21 @@ def _trans_conv(tensors: Mapping[str, Tensor], arch: Mapping, a: Tensor) -> Tens
         "2.weight": (d, d // 2, k, k),  "2.bias": (d // 2,),
         "4.weight": (d // 2, 1, k, k),  "4.bias": (1,),
     })
-    a = F.relu(F.conv2d(a, p["0.weight"], p["0.bias"], padding=1))
-    a = F.relu(F.conv_transpose2d(a, p["2.weight"], p["2.bias"], stride=k))
-    return F.conv_transpose2d(a, p["4.weight"], p["4.bias"], stride=k)
+    conv0 = F.conv2d(a, p["0.weight"], p["0.bias"], padding=1)
+    conv2 = F.conv_transpose2d(F.relu(conv0), p["2.weight"], p["2.bias"], stride=k)
+    if parts is not None:
+        parts.update(trans_conv0=conv0, trans_conv2=conv2)
+    return F.conv_transpose2d(F.relu(conv2), p["4.weight"], p["4.bias"], stride=k)
 
 
 def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[Tensor],
            conditional_embeddings: Tensor) -> dict[str, Tensor]:
-    """Vision activations at extract_layers [B, T, W] + conditions [P, proj] -> {"decoder.step{i}" [P, T, D], "logits"}.
+    """Vision activations at extract_layers [B, T, W] + conditions [P, proj] -> {"decoder.step{i}[.part]" [P, T, D],
+    "decoder.step{c}.film_mul/film_add" [P, D] (c = conditional_layer), "logits[.part]"}.
 
     B must be P, or 1: then the one image serves every prompt, so it is encoded once, not P times.
+    Step i's parts: reduce (its activation through reduces[i]), film_mul and film_add at the
+    conditional layer, then its block's attention, norm1, mlp, norm2.
     """
     d, steps = arch["reduce_dim"], len(arch["extract_layers"])
     width, proj = arch["vision"]["hidden_size"], arch["projection_dim"]
@@ -219,19 +259,25 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     for i, act in enumerate(reversed(activations)):
         reduce = _group(tensors, f"reduces.{i}.", {"weight": (d, width), "bias": (d,)})
         reduced = F.linear(act.float(), reduce["weight"], reduce["bias"])
+        out[f"decoder.step{i}.reduce"] = reduced.expand(prompts, -1, -1)
         a = reduced if a is None else reduced + a
         if i == arch["conditional_layer"]:
-            a = (F.linear(cond, film_mul["weight"], film_mul["bias"]).unsqueeze(1) * a
-                 + F.linear(cond, film_add["weight"], film_add["bias"]).unsqueeze(1))
-        a = _decoder_block(a, _group(tensors, f"blocks.{i}.", block_shapes), arch["decoder_num_attention_heads"])
-        out[f"decoder.step{i}"] = a.expand(prompts, -1, -1)
+            mul = out[f"decoder.step{i}.film_mul"] = F.linear(cond, film_mul["weight"], film_mul["bias"])
+            add = out[f"decoder.step{i}.film_add"] = F.linear(cond, film_add["weight"], film_add["bias"])
+            a = mul.unsqueeze(1) * a + add.unsqueeze(1)
+        p = _group(tensors, f"blocks.{i}.", block_shapes)
+        a = _run_block(out, f"decoder.step{i}", _decoder_block, a, p, arch["decoder_num_attention_heads"])
+    out |= {name: t.expand(prompts, *t.shape[1:]) for name, t in out.items() if name.startswith("decoder.step")}
     a = out[f"decoder.step{steps - 1}"]
     side = math.isqrt(a.shape[1] - 1)
     if side * side != a.shape[1] - 1:
         raise ValueError(f"reference: {a.shape[1] - 1} patch tokens do not form a square grid")
     # Drop the class token; tokens run row-major over the grid, so channels move first.
     grid = a[:, 1:].transpose(1, 2).reshape(prompts, d, side, side)
-    out["logits"] = _trans_conv(tensors, arch, grid).squeeze(1)
+    parts: dict[str, Tensor] = {}
+    logits = _trans_conv(tensors, arch, grid, parts)
+    out |= {f"logits.{part}": value for part, value in parts.items()}
+    out["logits"] = logits.squeeze(1)
     return out
 
 

@@ -1,13 +1,18 @@
 """verify-outputs: the built Hugging Face model against an independent reference run on the original tensors.
 
-Both get the same pixel values and token ids; every output is compared in full (logits, conditional embeddings,
-pooled output) together with the intermediates they share, so a failure names the first layer that diverged. Where a
-variant has published check values, they are checked too, with the preprocessing they were computed with.
-Writes a metrics JSON, the reference outputs (for export's dtype check) and one mask picture per prompt.
+Both get the same pixel values and token ids. The converted model runs its own forward pass (as a user calls it), with
+hooks recording what each layer and sub-layer outputs; the reference (stages.reference) computes the same entries from
+the original tensors. Every element of every entry is compared. The three outputs (logits, conditional embeddings,
+pooled output) decide pass or fail against `verify.atol`; the intermediates locate a fault: in the order data flows
+through the model, the first entry that diverges while every entry before it agrees names the converted weights, and
+the original tensors they were made from, to look at. Where a variant has published check values, they are checked
+too, with the preprocessing they were computed with.
+Writes a metrics JSON, the reference outputs (for export's check) and one mask picture per prompt.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -22,82 +27,222 @@ from .tensor_io import TensorFile, round_figure, write_json, write_safetensors
 
 STAGE = "verify-outputs"
 OUTPUTS = ("logits", "conditional_embeddings", "pooled_output")
-# Figures are recorded to this many significant digits, so the metrics file is the same on every CPU.
+# A difference beyond its tolerance is real and recorded to this many significant digits.
 FIGURE_DIGITS = 2
+# A difference within its tolerance is float32 rounding noise whose last bits change with the CPU and its thread count;
+# it is recorded as an upper bound, the power of ten at or above it and no lower than this floor, so the metrics file
+# is the same on every machine. Pass or fail is decided on the exact figures.
+NOISE_FLOOR = 1e-6
 
 
 class VerificationError(PipelineError):
     """The converted model does not compute what the original computes."""
 
 
+# ---- the converted model's entries: one row per Hugging Face module whose output the reference also computes -------
+
+
+@dataclass(frozen=True)
+class Probe:
+    pattern: str  # full match against a name from model.named_modules()
+    entry: str  # str.format template over the pattern's groups (and {cond}, the conditional layer)
+    takes_input: bool = False  # record what goes into the module rather than what comes out
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe(r"clip\.vision_model\.embeddings",                               "vision.embeddings"),
+    Probe(r"clip\.vision_model\.pre_layrnorm",                             "vision.pre_norm"),
+    Probe(r"clip\.(vision|text)_model\.encoder\.layers\.(\d+)",            "{0}.block{1}"),
+    Probe(r"clip\.(vision|text)_model\.encoder\.layers\.(\d+)\.layer_norm1", "{0}.block{1}.norm1"),
+    Probe(r"clip\.(vision|text)_model\.encoder\.layers\.(\d+)\.self_attn", "{0}.block{1}.attention"),
+    Probe(r"clip\.(vision|text)_model\.encoder\.layers\.(\d+)\.layer_norm2", "{0}.block{1}.norm2"),
+    Probe(r"clip\.(vision|text)_model\.encoder\.layers\.(\d+)\.mlp",       "{0}.block{1}.mlp"),
+    Probe(r"clip\.vision_model\.post_layernorm",                           "vision.post_norm"),
+    Probe(r"clip\.text_model\.embeddings",                                 "text.embeddings"),
+    Probe(r"clip\.text_model\.final_layer_norm",                           "text.final_norm"),
+    # The text model picks the pooled token inline, not in a module: what enters the projection is that pick.
+    Probe(r"clip\.text_projection",                                        "text.pooled", takes_input=True),
+    Probe(r"decoder\.reduces\.(\d+)",                                      "decoder.step{0}.reduce"),
+    Probe(r"decoder\.film_(mul|add)",                                      "decoder.step{cond}.film_{0}"),
+    Probe(r"decoder\.layers\.(\d+)",                                       "decoder.step{0}"),
+    Probe(r"decoder\.layers\.(\d+)\.self_attn",                            "decoder.step{0}.attention"),
+    Probe(r"decoder\.layers\.(\d+)\.layer_norm1",                          "decoder.step{0}.norm1"),
+    Probe(r"decoder\.layers\.(\d+)\.mlp",                                  "decoder.step{0}.mlp"),
+    Probe(r"decoder\.layers\.(\d+)\.layer_norm2",                          "decoder.step{0}.norm2"),
+    # The refined decoder's Conv2d and first ConvTranspose2d (indices 1 and 3 are ReLUs).
+    Probe(r"decoder\.transposed_convolution\.([02])",                      "logits.trans_conv{0}"),
+)  # fmt: skip
+
+
+def _tower_sources(tower: str, hf: str, original: str) -> tuple[tuple[str, str, str], ...]:
+    layer, block = f"{hf}.encoder.layers.{{0}}", f"{original}transformer.resblocks.{{0}}"
+    return (
+        (rf"{tower}\.block(\d+)\.norm1",     f"{layer}.layer_norm1",                          f"{block}.ln_1"),
+        (rf"{tower}\.block(\d+)\.attention", f"{layer}.self_attn (q_proj, k_proj, v_proj, out_proj)",
+                                             f"{block}.attn (in_proj_weight/in_proj_bias split into q, k, v; out_proj)"),
+        (rf"{tower}\.block(\d+)\.norm2",     f"{layer}.layer_norm2",                          f"{block}.ln_2"),
+        (rf"{tower}\.block(\d+)\.mlp",       f"{layer}.mlp (fc1, fc2)",                       f"{block}.mlp (c_fc, c_proj)"),
+        (rf"{tower}\.block(\d+)",            layer,                                           block),
+    )  # fmt: skip
+
+
+# What computes each entry: (entry pattern, the converted weights or setting, the original tensors or rule). When an
+# entry is the first to diverge, these are where the fault is.
+SOURCES: tuple[tuple[str, str, str], ...] = (
+    (r"vision\.embeddings",  "clip.vision_model.embeddings (patch_embedding, class_embedding, position_embedding)",
+                             "visual.conv1, visual.class_embedding, visual.positional_embedding"),
+    (r"vision\.pre_norm",    "clip.vision_model.pre_layrnorm",   "visual.ln_pre"),
+    *_tower_sources("vision", "clip.vision_model", "visual."),
+    (r"vision\.post_norm",   "clip.vision_model.post_layernorm", "visual.ln_post"),
+    (r"pooled_output",       "clip.visual_projection",           "visual.proj (transposed: the original computes x @ proj)"),
+    (r"text\.embeddings",    "clip.text_model.embeddings (token_embedding, position_embedding)",
+                             "token_embedding, positional_embedding"),
+    *_tower_sources("text", "clip.text_model", ""),
+    (r"text\.final_norm",    "clip.text_model.final_layer_norm", "ln_final"),
+    (r"text\.pooled",        "pooling position, set by config.json text_config.eos_token_id (2 pools at the argmax of "
+                             "the ids, as the original does)", "end token's position (the argmax of the ids)"),
+    (r"conditional_embeddings", "clip.text_projection",          "text_projection (transposed: the original computes x @ proj)"),
+    (r"decoder\.step(\d+)\.reduce", "decoder.reduces.{0} (and config.json extract_layers, which picks its input)",
+                                    "reduces.{0}"),
+    (r"decoder\.step\d+\.film_(mul|add)", "decoder.film_{0}",     "film_{0}"),
+    (r"decoder\.step(\d+)\.attention", "decoder.layers.{0}.self_attn (q_proj, k_proj, v_proj, out_proj)",
+                                       "blocks.{0}.self_attn (in_proj_weight/in_proj_bias split into q, k, v; out_proj)"),
+    (r"decoder\.step(\d+)\.norm1", "decoder.layers.{0}.layer_norm1", "blocks.{0}.norm1"),
+    (r"decoder\.step(\d+)\.mlp",   "decoder.layers.{0}.mlp (fc1, fc2)", "blocks.{0}.linear1, blocks.{0}.linear2"),
+    (r"decoder\.step(\d+)\.norm2", "decoder.layers.{0}.layer_norm2", "blocks.{0}.norm2"),
+    (r"decoder\.step(\d+)",        "decoder.layers.{0}",             "blocks.{0}"),
+    (r"logits\.trans_conv(\d)",    "decoder.transposed_convolution.{0}", "trans_conv.{0}"),
+    (r"logits",              "decoder.transposed_convolution (and config.json use_complex_transposed_convolution)",
+                             "trans_conv"),
+)  # fmt: skip
+
+
+def sources(entry: str) -> tuple[str, str]:
+    """The converted weights and the original tensors that compute `entry`."""
+    for pattern, hf, original in SOURCES:
+        if m := re.fullmatch(pattern, entry):
+            return hf.format(*m.groups()), original.format(*m.groups())
+    raise KeyError(f"no row of SOURCES describes the entry {entry!r}")
+
+
 @dataclass(frozen=True)
 class Comparison:
     name: str
-    max_abs_diff: float
-    max_rel_diff: float
+    max_abs_diff: float  # inf when the converted model gives NaN or Inf
+    max_rel_diff: float  # max abs diff / max |reference|
     tolerance: float
     passed: bool
 
 
+def _record(store: dict[str, torch.Tensor], entry: str, takes_input: bool):
+    def hook(module, args, output=None):  # a pre-hook gets no output
+        value = args[0] if takes_input else output
+        store[entry] = (value[0] if isinstance(value, tuple) else value).detach()  # attention also returns weights
+
+    return hook
+
+
+def mask_padding(entries: Mapping[str, torch.Tensor], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Zero the text states past each prompt's end: the converted model masks padding, the original never sees any
+    (its causal mask keeps padding from reaching the end token), so only those positions differ, by design."""
+    keep = attention_mask.bool()[..., None]
+    return {name: torch.where(keep, t, 0.0) if name.startswith("text.") and t.ndim == 3 else t for name, t in entries.items()}
+
+
 def hf_outputs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The converted model's outputs and intermediates, encoding the one image once for all prompts."""
+    """The converted model's three outputs for one image [1, 3, H, W] and P prompts, the image encoded once for all.
+
+    The calls CLIPSegForImageSegmentation.forward makes, without encoding the image again for every prompt (the vision
+    tower is most of the cost); verify-outputs, export and segment use it. The published checks run the model's own
+    forward, as a user calls it (`check_published`).
+    """
     with torch.inference_mode():
-        vision = model.clip.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
-        text = model.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        vision = model.clip.get_image_features(pixel_values=pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
+        text = model.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         prompts = input_ids.shape[0]
         activations = [vision.hidden_states[i + 1].expand(prompts, -1, -1) for i in model.config.extract_layers]
-        decoded = model.decoder(activations, text.pooler_output, output_hidden_states=True)
-    # hidden_states[0] is the input of the first block (after pre_layrnorm): the reference's "vision.embeddings".
-    out = {"vision.embeddings": vision.hidden_states[0]}
-    out |= {f"vision.block{k}": h for k, h in enumerate(vision.hidden_states[1:])}
-    # Text states past the end token differ by design (padding is masked here, not in the original): compare the rest.
-    keep = attention_mask.bool()[..., None]
-    out |= {f"text.block{k}": torch.where(keep, h, 0.0) for k, h in enumerate(text.hidden_states[1:])}
-    out |= {f"decoder.step{i}": h for i, h in enumerate(decoded.hidden_states[1:])}
-    out |= {"conditional_embeddings": text.pooler_output, "pooled_output": vision.pooler_output, "logits": decoded.logits}
-    return out
+        decoded = model.decoder(activations, text.pooler_output)
+    return {"logits": decoded.logits, "conditional_embeddings": text.pooler_output, "pooled_output": vision.pooler_output.expand(prompts, -1)}
+
+
+def traced_forward(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The converted model's three outputs for one image and P prompts (`hf_outputs`) and, under the reference's names
+    (PROBES), what each layer and sub-layer computed on the way; the one image's entries serve every prompt."""
+    prompts = input_ids.shape[0]
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for module_name, module in model.named_modules():
+        for probe in PROBES:
+            if m := re.fullmatch(probe.pattern, module_name):
+                entry = probe.entry.format(*m.groups(), cond=model.config.conditional_layer)
+                register = module.register_forward_pre_hook if probe.takes_input else module.register_forward_hook
+                handles.append(register(_record(captured, entry, probe.takes_input)))
+    try:
+        with torch.inference_mode():
+            out = hf_outputs(model, pixel_values, input_ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    captured = {name: t.expand(prompts, *t.shape[1:]) if t.shape[0] == 1 else t for name, t in captured.items()}
+    return mask_padding(captured | out, attention_mask)
 
 
 def reference_outputs(original: Mapping[str, torch.Tensor], arch: Mapping, pixel_values, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    """The reference's entries, in the order it computes them; the one image's entries serve every prompt."""
     from .reference import reference_forward
 
+    prompts = input_ids.shape[0]
     with torch.inference_mode():
         out = reference_forward(original, arch, pixel_values, input_ids)
-    keep = attention_mask.bool()[..., None]
-    return {name: torch.where(keep, t, 0.0) if name.startswith("text.block") else t for name, t in out.items()}
-
-
-def _order_key(name: str) -> tuple:
-    # The order data flows through the model, so the first failing entry is where a fault starts.
-    stage = ("vision.embeddings", "vision.block", "pooled_output", "text.block", "conditional_embeddings", "decoder.step", "logits")
-    prefix = next(i for i, p in enumerate(stage) if name.startswith(p))
-    number = re.search(r"(\d+)$", name)
-    return prefix, int(number.group(1)) if number else 0
+    out = {name: t.expand(prompts, *t.shape[1:]) if t.shape[0] == 1 else t for name, t in out.items()}
+    return mask_padding(out, attention_mask)
 
 
 def compare(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], atol: float, rtol: float) -> list[Comparison]:
-    """Max abs and relative difference per shared tensor, in data-flow order.
+    """Max abs and relative difference of every entry, in the reference's order (the order data flows).
 
-    The three outputs pass when every element is within `atol`. Intermediates, whose scale grows through the network,
-    pass within `atol + rtol * max|reference|`; they only serve to name where a fault starts.
+    The outputs pass when every element is within `atol`. Intermediates, whose scale grows through the network, pass
+    within `atol + rtol * max|reference|`; they only serve to name where a fault starts. The relative difference is
+    taken against the entry's largest reference value: element by element it would divide by values near zero.
     """
-    shared = sorted(converted.keys() & reference.keys(), key=_order_key)
-    missing = sorted(set(OUTPUTS) - set(shared))
-    if missing:
-        raise VerificationError(f"outputs {missing} were not produced by both models")
+    one_sided = sorted(converted.keys() ^ reference.keys())
+    if one_sided:
+        raise VerificationError(
+            f"entries computed by only one side: {one_sided}. The model's config.json and the variant's architecture in "
+            "params.yaml describe different models: rebuild the model (build-model) from this architecture"
+        )
     results = []
-    for name in shared:
+    for name in reference:
         ours, ref = converted[name].float(), reference[name].float()
         if ours.shape != ref.shape:
             raise VerificationError(f"{name}: the converted model gives shape {list(ours.shape)}, the reference {list(ref.shape)}")
-        diff = (ours - ref).abs()
         scale = ref.abs().max().item() if ref.numel() else 0.0
-        max_abs = diff.max().item() if diff.numel() else 0.0
-        max_rel = (diff / ref.abs().clamp_min(1e-6)).max().item() if diff.numel() else 0.0
+        max_abs = (ours - ref).abs().max().item() if ref.numel() else 0.0
+        if not math.isfinite(max_abs):  # max() propagates NaN: any NaN or Inf in the converted entry lands here
+            max_abs = max_rel = math.inf
+        else:
+            max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
         tolerance = atol if name in OUTPUTS else atol + rtol * scale
-        passed = bool(torch.isfinite(ours).all()) and max_abs <= tolerance
-        results.append(Comparison(name, max_abs, max_rel, tolerance, passed))
+        results.append(Comparison(name, max_abs, max_rel, tolerance, max_abs <= tolerance))
     return results
+
+
+def figure_bound(value: float) -> float:
+    """The power of ten at or above `value`, at least NOISE_FLOOR: 7.2e-06 -> 1e-05."""
+    if value <= NOISE_FLOOR:
+        return NOISE_FLOOR
+    exponent = math.ceil(math.log10(value))
+    while float(f"1e{exponent}") < value:  # log10 may round down just below a power of ten
+        exponent += 1
+    return float(f"1e{exponent}")
+
+
+def recorded_figure(value: float, passed: bool) -> float | None:
+    """A difference as the metrics file records it: within tolerance an upper bound (rounding noise, see NOISE_FLOOR),
+    beyond it FIGURE_DIGITS significant digits; None for NaN or Inf (JSON has no such numbers)."""
+    if not math.isfinite(value):
+        return None
+    return figure_bound(value) if passed else round_figure(value, FIGURE_DIGITS)
 
 
 def check_published(model, expected: params_mod.Expected, image, tok, size: int) -> dict[str, dict]:
@@ -118,8 +263,15 @@ def check_published(model, expected: params_mod.Expected, image, tok, size: int)
     results = {}
     for name, tensor in got.items():
         diff = (tensor - torch.tensor(want[name], dtype=tensor.dtype)).abs().max().item()
-        results[name] = {"max_abs_diff": round_figure(diff, FIGURE_DIGITS), "tolerance": expected.atol, "passed": diff <= expected.atol}
+        passed = diff <= expected.atol  # NaN compares False: fails
+        results[name] = {"max_abs_diff": recorded_figure(diff, passed), "tolerance": expected.atol, "passed": passed}
     return results
+
+
+def _describe(c: Comparison) -> str:
+    if not math.isfinite(c.max_abs_diff):
+        return "NaN or Inf values"
+    return f"max abs diff {c.max_abs_diff:.3g} > tolerance {c.tolerance:.3g}"
 
 
 def failure_message(comparisons: list[Comparison], published: Mapping[str, dict]) -> str | None:
@@ -130,31 +282,72 @@ def failure_message(comparisons: list[Comparison], published: Mapping[str, dict]
     parts = []
     if failed_outputs:
         first = next(c for c in comparisons if not c.passed)
-        worst = ", ".join(f"{c.name} (max abs diff {c.max_abs_diff:.3g} > {c.tolerance:.3g})" for c in failed_outputs)
+        hf, original = sources(first.name)
         parts.append(
-            f"the converted model differs from the reference in {worst}; first divergence at {first.name} "
-            f"(max abs diff {first.max_abs_diff:.3g}, tolerance {first.tolerance:.3g}): look at the weights that feed it"
+            "the converted model differs from the reference in "
+            + ", ".join(f"{c.name} ({_describe(c)})" for c in failed_outputs)
+            + f". First divergence, in the order data flows: {first.name} ({_describe(first)}), while every entry before "
+            f"it agrees. Check the converted {hf}, which comes from the original {original}"
         )
     if failed_published:
         parts.append(f"the published check values differ for {failed_published}: {dict(published)}")
     return "; ".join(parts)
 
 
-def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: float, prompts: int) -> dict:
-    def figure(c: Comparison) -> dict:
-        return {"max_abs_diff": round_figure(c.max_abs_diff, FIGURE_DIGITS), "max_rel_diff": round_figure(c.max_rel_diff, FIGURE_DIGITS), "passed": c.passed}
+def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: float, rtol: float, prompts: int, variant: str) -> dict:
+    def figures(c: Comparison) -> dict:
+        return {
+            "max_abs_diff": recorded_figure(c.max_abs_diff, c.passed),
+            "max_rel_diff": recorded_figure(c.max_rel_diff, c.passed),
+            "passed": c.passed,
+        }
 
+    intermediates = [c for c in comparisons if c.name not in OUTPUTS]
     return {
         "stage": STAGE,
-        "note": f"differences rounded to {FIGURE_DIGITS} significant digits so the file is identical on every CPU",
+        "variant": variant,
+        "note": (
+            "max_abs_diff: largest |converted - reference| over every element; max_rel_diff: the same divided by the "
+            "largest |reference| of the output. Within tolerance both are float32 rounding noise, recorded as an upper "
+            f"bound: the power of ten at or above them, at least {NOISE_FLOOR:g}, so the file is the same on every CPU; "
+            f"beyond tolerance they are rounded to {FIGURE_DIGITS} significant digits. Pass/fail uses the exact figures"
+        ),
         "tolerance_atol": atol,
+        "tolerance_rtol_intermediates": rtol,
         "prompts": prompts,
-        "outputs": {c.name: figure(c) for c in comparisons if c.name in OUTPUTS},
-        "intermediates_passed": all(c.passed for c in comparisons if c.name not in OUTPUTS),
+        "outputs": {c.name: figures(c) for c in comparisons if c.name in OUTPUTS},
+        "intermediates_compared": len(intermediates),
+        "intermediates_passed": all(c.passed for c in intermediates),
         "first_divergence": next((c.name for c in comparisons if not c.passed), None),
         "published_check": dict(published) or None,
         "passed": all(c.passed for c in comparisons if c.name in OUTPUTS) and all(r["passed"] for r in published.values()),
     }
+
+
+def load_model(directory: Path):
+    """The converted model, refusing a folder whose weights do not fit its config.json: from_pretrained would fill
+    missing or misshapen weights with random values and drop unexpected ones, with only a warning."""
+    from transformers import CLIPSegForImageSegmentation
+
+    try:
+        # Misshapen weights are let through here only to be listed with every other mismatch below.
+        model, info = CLIPSegForImageSegmentation.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise VerificationError(f"{directory}: the model does not load ({str(exc).splitlines()[0]}); rerun build-model") from exc
+    problems = {
+        "missing_keys": sorted(info["missing_keys"]),
+        "unexpected_keys": sorted(info["unexpected_keys"]),
+        "mismatched_keys": sorted(f"{key}: file {list(found)}, config {list(wanted)}" for key, found, wanted in info["mismatched_keys"]),
+        "error_msgs": list(info["error_msgs"]),
+    }
+    problems = {kind: items for kind, items in problems.items() if items}
+    if problems:
+        raise VerificationError(
+            f"{directory}: the weights in model.safetensors do not fit config.json ({problems}); is config.json's "
+            "use_complex_transposed_convolution (or reduce_dim, projection_dim, extract_layers) the one the weights were "
+            "made for? Rebuild the model with build-model"
+        )
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from transformers import CLIPSegForImageSegmentation
-
         from .inputs import load_image, pixel_values, token_ids, tokenizer
         from .pictures import write_mask_pictures
 
@@ -178,9 +369,16 @@ def main(argv: list[str] | None = None) -> int:
         proc = params.processor
         pixels = pixel_values(image, proc.image_size, proc.image_mean, proc.image_std)
         ids = token_ids(tok, model_params.prompts)
-        model = CLIPSegForImageSegmentation.from_pretrained(args.model).eval()
-        converted = hf_outputs(model, pixels, ids["input_ids"], ids["attention_mask"])
-        reference = reference_outputs(TensorFile(args.original / "original.safetensors"), model_params.architecture, pixels, ids["input_ids"], ids["attention_mask"])
+        model = load_model(args.model)
+        converted = traced_forward(model, pixels, ids["input_ids"], ids["attention_mask"])
+        original = TensorFile(args.original / "original.safetensors")
+        try:
+            reference = reference_outputs(original, model_params.architecture, pixels, ids["input_ids"], ids["attention_mask"])
+        except ValueError as exc:
+            raise VerificationError(
+                f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
+                "architecture does not describe these original files; fix it in params.yaml"
+            ) from exc
         atol, rtol = params.verify.atol, params.verify.rtol
         comparisons = compare(converted, reference, atol, rtol)
         published = check_published(model, model_params.expected, image, tok, proc.image_size) if model_params.expected else {}
@@ -190,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             **{name: reference[name].contiguous() for name in OUTPUTS},
         }, {"stage": STAGE, "variant": args.variant})
         write_mask_pictures(image, converted["logits"], model_params.prompts, args.out / "masks")
-        write_json(args.metrics, metrics(comparisons, published, atol, len(model_params.prompts)))
+        write_json(args.metrics, metrics(comparisons, published, atol, rtol, len(model_params.prompts), args.variant))
         message = failure_message(comparisons, published)
         if message:
             raise VerificationError(message)
