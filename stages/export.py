@@ -1,27 +1,37 @@
-"""export: the built model + tokenizer files -> a Hugging Face model folder that loads offline with from_pretrained.
+"""export: the built model + tokenizer files + stage reports -> a Hugging Face model folder, ready to load and publish.
 
 Writes model.safetensors (in the variant's export dtype), config.json, preprocessor_config.json (the published
 processor: 352x352, bilinear, ImageNet mean/std), vocab.json, merges.txt, tokenizer_config.json,
-special_tokens_map.json and manifest.json (every file's size and sha256). The exported folder is then loaded back as a
-user would, run on verify-outputs' inputs and compared with the reference outputs within the dtype's tolerance.
+special_tokens_map.json, README.md (the model card: sources, settings, verification, usage) and manifest.json (every
+other file's size and sha256). The folder is loaded back as a user would, its tokenizer run on verify-outputs' prompts
+and its model on verify-outputs' inputs, and compared with the reference outputs within the dtype's tolerance.
+The same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
+from . import model_card
 from . import params as params_mod
 from .errors import PipelineError, run_stage
-from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR
-from .tensor_io import TensorFile, atomic_output, sha256_file, write_json, write_safetensors
+from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
+from .tensor_io import TensorFile, atomic_output, round_figure, sha256_file, write_json, write_safetensors
+from .verify_outputs import FIGURE_DIGITS, OUTPUTS, hf_outputs, recorded_figure
 
 STAGE = "export"
 MANIFEST = "manifest.json"
+CARD = "README.md"
+# What from_pretrained, the Hub's widgets and AutoModel read to pick the class; build-model's config leaves it empty.
+ARCHITECTURES = ["CLIPSegForImageSegmentation"]
 SPECIAL_TOKENS = {
     "bos_token": "<|startoftext|>",
     "eos_token": "<|endoftext|>",
@@ -61,14 +71,31 @@ def tokenizer_config() -> dict:
     }
 
 
-def write_weights(model_dir: Path, out: Path, dtype: str, variant: str) -> None:
-    source = TensorFile(model_dir / "model.safetensors")
+def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype`; refuses a weight that does not fit it (float16 overflows beyond 65504)."""
     target = getattr(torch, dtype)
-    tensors = {name: source[name].to(target) for name in source}
+    cast = {name: tensor.to(target) for name, tensor in tensors.items()}
+    overflow = sorted(name for name, t in cast.items() if not bool(torch.isfinite(t).all()) and bool(torch.isfinite(tensors[name]).all()))
+    if overflow:
+        raise ExportError(
+            f"tensor(s) {overflow} do not fit {dtype} (values become inf); set models.<variant>.export.dtype to "
+            "bfloat16 or float32 in params.yaml"
+        )
+    return cast
+
+
+def export_config(config: Mapping, dtype: str) -> dict:
+    return {**config, "architectures": ARCHITECTURES, "dtype": dtype}
+
+
+def write_weights(model_dir: Path, out: Path, dtype: str, variant: str) -> dict:
+    """model.safetensors and config.json in `dtype`; returns the config written."""
+    source = TensorFile(model_dir / "model.safetensors")
+    tensors = cast_tensors({name: source[name] for name in source}, dtype)
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "stage": STAGE, "variant": variant, "dtype": dtype})
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    config["dtype"] = dtype
+    config = export_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), dtype)
     write_json(out / "config.json", config)
+    return config
 
 
 def write_manifest(out: Path) -> dict:
@@ -78,17 +105,21 @@ def write_manifest(out: Path) -> dict:
     return manifest
 
 
-def check_export(out: Path, reference_file: Path, atol: float) -> dict:
-    """Load the folder as a user would and compare its outputs with the reference on verify-outputs' inputs."""
-    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
-
-    from .verify_outputs import OUTPUTS, hf_outputs
-
-    CLIPSegProcessor.from_pretrained(out)
+def check_export(out: Path, reference_file: Path, prompts: Sequence[str], atol: float) -> dict:
+    """Load the folder as a user would: its tokenizer must give verify-outputs' token ids for the same prompts, and its
+    model, fed those ids and the reference pixel values, must give the reference outputs within `atol`."""
+    processor = CLIPSegProcessor.from_pretrained(out)
     model = CLIPSegForImageSegmentation.from_pretrained(out).eval()
     reference = TensorFile(reference_file)
+    ids = token_ids(processor.tokenizer, prompts)
+    for name in ("input_ids", "attention_mask"):
+        if not torch.equal(ids[name], reference[name]):
+            raise ExportError(
+                f"the tokenizer in {out} gives {name} {ids[name].tolist()} for {list(prompts)}, verify-outputs used "
+                f"{reference[name].tolist()}; check tokenizer_config.json and special_tokens_map.json against the tokenizer files"
+            )
     dtype = next(model.parameters()).dtype
-    got = hf_outputs(model, reference["pixel_values"].to(dtype), reference["input_ids"], reference["attention_mask"])
+    got = hf_outputs(model, reference["pixel_values"].to(dtype), ids["input_ids"], ids["attention_mask"])
     results = {}
     for name in OUTPUTS:
         diff = (got[name].float() - reference[name].float()).abs().max().item()
@@ -96,10 +127,30 @@ def check_export(out: Path, reference_file: Path, atol: float) -> dict:
     failed = sorted(name for name, r in results.items() if not r["passed"])
     if failed:
         raise ExportError(
-            f"the exported model in {out} differs from the reference in {failed} beyond {atol} "
-            f"({ {n: results[n]['max_abs_diff'] for n in failed} }); raise verify.atol for this dtype or export float32"
+            f"the exported model in {out} ({dtype}) differs from the reference in {failed} beyond {atol} "
+            f"({ {n: results[n]['max_abs_diff'] for n in failed} }); raise export.atol for this dtype in params.yaml "
+            "or export float32"
         )
     return results
+
+
+def recorded_diff(diff: float, passed: bool, dtype: str) -> float | None:
+    """A difference as the report and the model card record it, the same on every CPU.
+
+    In float32 it is rounding noise whose last bits change with the CPU: recorded as verify-outputs records it, a
+    power-of-ten bound. In float16 or bfloat16 it is the dtype's own error, much larger than that noise: recorded to
+    a few significant digits, so it can be read against the dtype's tolerance.
+    """
+    if dtype == "float32" or not math.isfinite(diff):
+        return recorded_figure(diff, passed)
+    return round_figure(diff, FIGURE_DIGITS)
+
+
+def read_report(path: Path, stage: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: cannot read the {stage} report ({exc}); run `dvc repro` so the {stage} stage writes it") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,32 +158,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory")
     parser.add_argument("--original", type=Path, required=True, help="download's folder (tokenizer files)")
     parser.add_argument("--reference", type=Path, required=True, help="verify-outputs' reference.safetensors")
+    parser.add_argument("--download-report", type=Path, required=True, help="download's report (the sources' sha256)")
+    parser.add_argument("--verify-report", type=Path, required=True, help="verify-outputs' metrics (for the model card)")
     parser.add_argument("--out", type=Path, required=True, help="the Hugging Face model folder to write")
     parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from .tensor_io import round_figure
-        from .verify_outputs import FIGURE_DIGITS
 
         params = params_mod.load(args.params)
         model = params.model(args.variant)
+        download_report = read_report(args.download_report, "download")
+        verify_report = read_report(args.verify_report, "verify-outputs")
+        atol = params.export_atol[model.dtype]
+        proc = params.processor
         # Build the folder beside its destination and move it into place only once it loads and checks out, so a
         # killed or failed export never leaves a half-written model folder at the output path.
         staging = args.out.with_name(f".{args.out.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            write_weights(args.model, staging, model.dtype, args.variant)
+            config = write_weights(args.model, staging, model.dtype, args.variant)
             for name in ("vocab.json", "merges.txt"):
                 shutil.copyfile(args.original / name, staging / name)
-            proc = params.processor
             write_json(staging / "preprocessor_config.json", preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
             write_json(staging / "tokenizer_config.json", tokenizer_config())
             write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS)
+            results = check_export(staging, args.reference, model.prompts, atol)
+            diffs = {name: recorded_diff(r["max_abs_diff"], r["passed"], model.dtype) for name, r in results.items()}
+            card = model_card.render(model_card.CardInputs(
+                variant=args.variant,
+                dtype=model.dtype,
+                architecture=model.architecture,
+                image_size=proc.image_size,
+                image_mean=proc.image_mean,
+                image_std=proc.image_std,
+                prompts=model.prompts,
+                sources=model_card.source_rows(model.sources, download_report),
+                verify=verify_report,
+                export_atol=atol,
+                export_diffs=diffs,
+                transformers_version=config.get("transformers_version", "(unknown)"),
+                project_version=model_card.project_version(),
+            ))
+            with atomic_output(staging / CARD, "w") as handle:
+                handle.write(card)
             manifest = write_manifest(staging)
-            atol = params.export_atol[model.dtype]
-            results = check_export(staging, args.reference, atol)
             shutil.rmtree(args.out, ignore_errors=True)
             staging.rename(args.out)
         finally:
@@ -142,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "variant": args.variant,
             "dtype": model.dtype,
             "tolerance_atol": atol,
-            "outputs": {n: {"max_abs_diff": round_figure(r["max_abs_diff"], FIGURE_DIGITS), "passed": r["passed"]} for n, r in results.items()},
+            "outputs": {n: {"max_abs_diff": diffs[n], "passed": r["passed"]} for n, r in results.items()},
             "files": len(manifest["files"]),
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
         })

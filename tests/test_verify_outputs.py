@@ -429,7 +429,7 @@ def test_non_finite_values_fail_and_are_named():
     comparisons = verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
     message = verify_outputs.failure_message(comparisons, {})
     assert "differs from the reference in logits (NaN or Inf values)" in message
-    metrics = verify_outputs.metrics(comparisons, {}, 1e-4, 1e-4, 2, VARIANT)
+    metrics = verify_outputs.metrics(comparisons, {}, 1e-4, 2, VARIANT)
     assert metrics["outputs"]["logits"] == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
     json.dumps(metrics, allow_nan=False)  # what write_json requires
 

@@ -1,0 +1,249 @@
+"""The export's model card: the variant's settings, sources and verification results -> README.md with Hub metadata.
+
+Rendered with huggingface_hub's ModelCard from the template below, so the YAML block is what the Hub reads (library,
+task, license). Every value comes from params.yaml, the stage reports, config.json or this project's version: nothing
+from the clock, the machine or the output path, so the same inputs give the same bytes on every run and in every clone.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PipelineError
+
+PROJECT = "clipseg-pipeline"
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PROJECT_URL = "https://github.com/timojl/clipseg"
+PAPER_URL = "https://arxiv.org/abs/2112.10003"
+# The authors' README: "The MIT license does not apply to these weights" (the decoder weights); their code is MIT and
+# OpenAI's CLIP weights are MIT. A converted model carries both, so the card names no single SPDX license.
+LICENSE = {
+    "license": "other",
+    "license_name": "clipseg-weights",
+    "license_link": "https://github.com/timojl/clipseg#weights",
+}
+TAGS = ["clipseg", "vision", "zero-shot-image-segmentation"]
+# What the usage snippet segments; the snippet runs as written on any image.
+SNIPPET_PROMPTS = ("a cat", "a remote", "a blanket")
+SNIPPET_IMAGE = "image.jpg"
+
+
+class ModelCardError(PipelineError):
+    """The inputs of the model card are incomplete."""
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    name: str
+    url: str
+    member: str | None
+    sha256: str
+    bytes: int
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    variant: str
+    dtype: str
+    architecture: Mapping
+    image_size: int
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    prompts: Sequence[str]  # what verification ran the models on
+    sources: Sequence[SourceRow]
+    verify: Mapping  # reports/<variant>/verify.json
+    export_atol: float
+    export_diffs: Mapping[str, float | None]  # the exported folder vs the reference, per output, as the report records them
+    transformers_version: str
+    project_version: str
+
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ variant }}: CLIPSeg for `transformers`
+
+[CLIPSeg]({{ project_url }}) (Lüddecke and Ecker, [*Image Segmentation Using Text and Image Prompts*]({{ paper_url }}),
+CVPR 2022) segments an image by text prompts: one probability map per prompt. This repository holds the original
+checkpoints listed under *Sources* converted to `CLIPSegForImageSegmentation` with its processor, stored in
+**{{ dtype }}**.
+It was made by {{ project }} {{ project_version }} with transformers {{ transformers_version }}; it needs
+transformers 4.46.1 or later (4.46.0 breaks 352-pixel inputs).
+
+## Usage
+
+```python
+import torch
+from PIL import Image
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+model_dir = "."  # the folder holding this README, or this repository's id on the Hugging Face Hub
+image = Image.open("{{ snippet_image }}").convert("RGB")  # any image
+prompts = {{ snippet_prompts }}
+
+processor = CLIPSegProcessor.from_pretrained(model_dir)
+model = CLIPSegForImageSegmentation.from_pretrained(model_dir).eval()
+inputs = processor(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt")
+inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+with torch.inference_mode():
+    logits = model(**inputs).logits  # [prompts, {{ image_size }}, {{ image_size }}]
+# The processor resized the whole image (no crop): resizing back puts every pixel where it belongs.
+logits = torch.nn.functional.interpolate(logits[:, None].float(), size=(image.height, image.width), mode="bilinear")
+masks = torch.sigmoid(logits[:, 0])  # [prompts, height, width], 1 = where the prompt is
+for prompt, mask in zip(prompts, masks):
+    picture = Image.fromarray((mask * 255).round().byte().numpy())  # a grayscale mask, the image's size
+    print(f"{prompt}: {(mask > 0.5).float().mean().item():.1%} of the image, mask {picture.size}")
+```
+
+## Model
+
+| setting | value |
+|---|---|
+{%- for name, value in settings %}
+| {{ name }} | {{ value }} |
+{%- endfor %}
+
+Preprocessing (`preprocessor_config.json`): resize to {{ image_size }}x{{ image_size }} (bilinear, no crop), rescale
+1/255, normalize with mean {{ image_mean }} and std {{ image_std }}. Text: CLIP's byte-level BPE, at most 77 tokens.
+
+## Sources
+
+The sha256 of every file as it was read. A pinned file was checked against its pin in params.yaml before it was
+parsed; an unpinned one is marked.
+
+| source | from | sha256 | bytes |
+|---|---|---|---|
+{%- for s in sources %}
+| {{ s.name }} | {{ s.url }}{% if s.member %} (member `{{ s.member }}`){% endif %} | `{{ s.sha256 }}`{% if not s.pinned %} (not pinned){% endif %} | {{ s.bytes }} |
+{%- endfor %}
+
+## Verification
+
+The converted model was run next to an independent implementation of the original forward pass on the same inputs
+(the reference image, prompts {{ prompts }}). Largest absolute differences over every element{% if verify_passed %},
+all within {{ verify_atol }}{% else %}: **the check failed**{% endif %}; float32 rounding noise is given as an upper
+bound (the power of ten at or above it), so the figures read the same on every CPU:
+
+| output | converted (float32) vs original | this export ({{ dtype }}) vs original, tolerance {{ export_atol }} |
+|---|---|---|
+{%- for name, converted, exported in diffs %}
+| {{ name }} | {{ converted }} | {{ exported }} |
+{%- endfor %}
+{% if published %}
+Values published with the original conversion, recomputed with their preprocessing:
+
+| output | max abs diff | tolerance | passed |
+|---|---|---|---|
+{%- for name, r in published %}
+| {{ name }} | {{ r.max_abs_diff }} | {{ r.tolerance }} | {{ r.passed }} |
+{%- endfor %}
+{% else %}
+No published check values exist for this variant.
+{% endif %}
+## License
+
+The weights come from the sources listed above. For the published CLIPSeg variants these are OpenAI's CLIP ViT-B/16
+weights, released under the MIT license (https://github.com/openai/CLIP), and the CLIPSeg authors' decoder weights:
+their code is MIT-licensed, but they state that **the MIT license does not apply to the weights** and give no other
+license (see [their README]({{ license_link }})). Check both terms before you use or redistribute this model.
+
+## Citation
+
+```bibtex
+@InProceedings{lueddecke22_cvpr,
+    author    = {L\\"uddecke, Timo and Ecker, Alexander},
+    title     = {Image Segmentation Using Text and Image Prompts},
+    booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+    month     = {June},
+    year      = {2022},
+    pages     = {7086-7096}
+}
+```
+"""
+
+
+def project_version() -> str:
+    """This project's version: the installed package's, else pyproject.toml's (a checkout run without installing)."""
+    try:
+        return importlib.metadata.version(PROJECT)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "(unknown version)"
+
+
+def source_rows(sources: Mapping, download_report: Mapping) -> list[SourceRow]:
+    """params' sources (where from) joined with the download report (what was actually read), by source name."""
+    fetched = download_report.get("sources", {})
+    missing = sorted(set(sources) - set(fetched))
+    if missing:
+        raise ModelCardError(
+            f"the download report lacks the source(s) {missing} that params.yaml lists; rerun the download stage"
+        )
+    return [
+        SourceRow(name, source.url, source.member, fetched[name]["sha256"], fetched[name]["bytes"], fetched[name]["pinned"])
+        for name, source in sorted(sources.items())
+    ]
+
+
+def settings(arch: Mapping) -> list[tuple[str, str]]:
+    vision, text = arch["vision"], arch["text"]
+    decoder = "refined (conv 3x3 + two transposed convs)" if arch["use_complex_transposed_convolution"] else "one transposed conv"
+    return [
+        ("vision", f"ViT, {vision['num_hidden_layers']} layers, width {vision['hidden_size']}, "
+                   f"{vision['num_attention_heads']} heads, patch {vision['patch_size']}, trained at {vision['image_size']} px"),
+        ("text", f"{text['num_hidden_layers']} layers, width {text['hidden_size']}, {text['num_attention_heads']} heads, "
+                 f"vocabulary {text['vocab_size']}, context {text['max_position_embeddings']}"),
+        ("projection_dim", str(arch["projection_dim"])),
+        ("extract_layers", str(list(arch["extract_layers"]))),
+        ("reduce_dim", str(arch["reduce_dim"])),
+        ("decoder layers", f"{len(arch['extract_layers'])} blocks, {arch['decoder_num_attention_heads']} heads, "
+                    f"feed-forward {arch['decoder_intermediate_size']}, conditional layer {arch['conditional_layer']}"),
+        ("upsampling", decoder),
+    ]
+
+
+def render(card: CardInputs) -> str:
+    """The README.md text (metadata block + Markdown)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    outputs = card.verify.get("outputs", {})
+    missing = sorted(set(card.export_diffs) - set(outputs))
+    if missing:
+        raise ModelCardError(f"the verify report lacks the output(s) {missing}; rerun the verify-outputs stage")
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-segmentation", tags=TAGS, **LICENSE)
+    published = card.verify.get("published_check") or {}
+    model_card = ModelCard.from_template(
+        data,
+        template_str=TEMPLATE,
+        variant=card.variant,
+        dtype=card.dtype,
+        project=PROJECT,
+        project_version=card.project_version,
+        transformers_version=card.transformers_version,
+        project_url=PROJECT_URL,
+        paper_url=PAPER_URL,
+        snippet_image=SNIPPET_IMAGE,
+        snippet_prompts=repr(list(SNIPPET_PROMPTS)),
+        settings=settings(card.architecture),
+        image_size=card.image_size,
+        image_mean=list(card.image_mean),
+        image_std=list(card.image_std),
+        sources=card.sources,
+        prompts=", ".join(repr(p) for p in card.prompts),
+        verify_passed=card.verify.get("passed"),
+        verify_atol=card.verify.get("tolerance_atol"),
+        export_atol=card.export_atol,
+        diffs=[(name, outputs[name]["max_abs_diff"], diff) for name, diff in card.export_diffs.items()],
+        published=sorted(published.items()),
+    )
+    # jinja drops the template's final newline; a text file ends with one.
+    return model_card.content.rstrip("\n") + "\n"

@@ -1,0 +1,240 @@
+"""Tests for stages/export.py and stages/model_card.py: the exported folder loads offline, reproduces the reference in
+every dtype, carries a model card whose usage snippet runs, and comes out byte-identical from the same inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from stages import export, model_card
+from stages.tensor_io import TensorFile, sha256_file
+from tests.pipeline_fixture import REPO, VARIANT, copy_export, tiny_pipeline, write_params  # noqa: F401
+
+EXPORT_FILES = {
+    "README.md", "config.json", "manifest.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+    "special_tokens_map.json", "tokenizer_config.json", "vocab.json",
+}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def export_with_dtype(run, tmp_path: Path, dtype: str, atol: float | None = None) -> tuple[int, Path, Path]:
+    params = write_params(tmp_path / "params.yaml", dtype=dtype)
+    if atol is not None:
+        data = yaml.safe_load(params.read_text(encoding="utf-8"))
+        data["export"]["atol"][dtype] = atol
+        params.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    out, report = tmp_path / "hf", tmp_path / "export.json"
+    return export.main(run.export_argv(out, report, params)), out, report
+
+
+@pytest.fixture(scope="module")
+def dtype_exports(tiny_pipeline, tmp_path_factory):  # noqa: F811
+    """The tiny model exported in float16 and bfloat16."""
+    exports = {}
+    for dtype in ("float16", "bfloat16"):
+        code, out, report = export_with_dtype(tiny_pipeline, tmp_path_factory.mktemp(dtype), dtype)
+        assert code == 0
+        exports[dtype] = (out, report)
+    return exports
+
+
+def usage_snippet(readme: str) -> str:
+    blocks = re.findall(r"^```python\n(.*?)^```$", readme, flags=re.S | re.M)
+    assert len(blocks) == 1, "the model card should hold exactly one Python snippet"
+    return blocks[0]
+
+
+def run_snippet(folder: Path, image: Path) -> subprocess.CompletedProcess:
+    """The card's snippet, as written but for the image path, run in the export folder without network."""
+    snippet = usage_snippet((folder / "README.md").read_text(encoding="utf-8"))
+    assert f'"{model_card.SNIPPET_IMAGE}"' in snippet
+    code = snippet.replace(f'"{model_card.SNIPPET_IMAGE}"', repr(str(image)))
+    return subprocess.run([sys.executable, "-c", code], cwd=folder, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
+
+
+# --- the folder --------------------------------------------------------------------------------------------------
+
+
+def test_export_holds_exactly_the_promised_files_and_its_manifest_matches(tiny_pipeline):  # noqa: F811
+    folder = tiny_pipeline.export
+    assert {p.name for p in folder.iterdir()} == EXPORT_FILES
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"]
+    assert set(manifest) == EXPORT_FILES - {"manifest.json"}
+    for name, entry in manifest.items():
+        assert entry == {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}, name
+
+
+def test_export_loads_offline_and_its_processor_gives_verifications_inputs(tiny_pipeline):  # noqa: F811
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    from stages.inputs import load_image
+
+    folder = tiny_pipeline.export
+    processor = CLIPSegProcessor.from_pretrained(folder, local_files_only=True)
+    model = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True)
+    assert model.dtype == torch.float32
+    assert model.config.architectures == ["CLIPSegForImageSegmentation"]
+    assert processor.tokenizer.model_max_length == 77
+    reference = TensorFile(tiny_pipeline.reference)
+    pixels = processor.image_processor(images=load_image(tiny_pipeline.original / "image"), return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, reference["pixel_values"])
+    ids = processor.tokenizer(tiny_pipeline.prompts, padding=True, return_tensors="pt")
+    assert torch.equal(ids["input_ids"], reference["input_ids"])
+
+
+def test_export_report_records_dtype_tolerance_and_diffs(tiny_pipeline):  # noqa: F811
+    report = json.loads(tiny_pipeline.report("export").read_text(encoding="utf-8"))
+    assert report["dtype"] == "float32"
+    assert report["tolerance_atol"] == 1e-4
+    assert set(report["outputs"]) == {"logits", "conditional_embeddings", "pooled_output"}
+    assert all(r["passed"] and r["max_abs_diff"] <= 1e-4 for r in report["outputs"].values())
+    assert report["files"] == len(EXPORT_FILES) - 1
+
+
+def test_two_exports_of_the_same_inputs_are_byte_identical(tiny_pipeline, tmp_path):  # noqa: F811
+    # A different output folder too: nothing in the export may depend on where it was written.
+    out = tmp_path / "elsewhere" / "hf"
+    assert export.main(tiny_pipeline.export_argv(out, tmp_path / "export.json")) == 0
+    for name in EXPORT_FILES:
+        assert (out / name).read_bytes() == (tiny_pipeline.export / name).read_bytes(), name
+    assert (tmp_path / "export.json").read_bytes() == tiny_pipeline.report("export").read_bytes()
+
+
+# --- dtypes ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_exports_load_and_pass_their_tolerance(dtype_exports, dtype):
+    from transformers import CLIPSegForImageSegmentation
+
+    out, report_path = dtype_exports[dtype]
+    weights = TensorFile(out / "model.safetensors")
+    assert {weights[name].dtype for name in weights} == {getattr(torch, dtype)}
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["dtype"] == dtype
+    model = CLIPSegForImageSegmentation.from_pretrained(out, local_files_only=True)
+    assert model.dtype == getattr(torch, dtype)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    atol = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["export"]["atol"][dtype]
+    assert report["dtype"] == dtype and report["tolerance_atol"] == atol
+    assert all(r["passed"] and r["max_abs_diff"] <= atol for r in report["outputs"].values())
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"stored in\n**{dtype}**" in card and f"this export ({dtype}) vs original, tolerance {atol}" in card
+
+
+def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, tmp_path, capsys):  # noqa: F811
+    code, out, report = export_with_dtype(tiny_pipeline, tmp_path, "bfloat16", atol=1e-9)
+    assert code == 1
+    assert "differs from the reference" in capsys.readouterr().err
+    assert not out.exists() and not report.exists()
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
+
+
+def test_float16_overflow_is_refused_with_the_tensor_named():
+    with pytest.raises(export.ExportError, match=r"\['big'\] do not fit float16.*bfloat16 or float32"):
+        export.cast_tensors({"big": torch.tensor([1e6]), "small": torch.tensor([1.0])}, "float16")
+    assert export.cast_tensors({"big": torch.tensor([1e6])}, "bfloat16")["big"].dtype == torch.bfloat16
+
+
+def test_a_tokenizer_config_that_changes_the_ids_fails_the_check(tiny_pipeline, tmp_path):  # noqa: F811
+    folder = copy_export(tiny_pipeline, tmp_path / "hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|endoftext|>"}), encoding="utf-8")
+    special = {**export.SPECIAL_TOKENS, "bos_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    with pytest.raises(export.ExportError, match="the tokenizer in .* gives input_ids"):
+        export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, 1e-4)
+
+
+def test_a_missing_report_is_named_with_the_stage_to_run(tiny_pipeline, tmp_path, capsys):  # noqa: F811
+    argv = tiny_pipeline.export_argv(tmp_path / "hf", tmp_path / "export.json")
+    argv[argv.index("--verify-report") + 1] = str(tmp_path / "absent.json")
+    assert export.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "absent.json: cannot read the verify-outputs report" in err and "\n" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+# --- the model card ----------------------------------------------------------------------------------------------
+
+
+def test_model_card_metadata_sources_and_verification(tiny_pipeline):  # noqa: F811
+    text = (tiny_pipeline.export / "README.md").read_text(encoding="utf-8")
+    card = ModelCard(text)
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-segmentation"
+    assert (card.data.license, card.data.license_name, card.data.license_link) == (
+        "other", "clipseg-weights", "https://github.com/timojl/clipseg#weights")
+    assert "the MIT license does not apply to the weights" in text
+    download = json.loads(tiny_pipeline.report("download").read_text(encoding="utf-8"))
+    params = yaml.safe_load(tiny_pipeline.params.read_text(encoding="utf-8"))["models"][VARIANT]
+    for name, source in download["sources"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert params["sources"][name]["url"] in row and source["sha256"] in row and str(source["bytes"]) in row
+    verify = json.loads(tiny_pipeline.report("verify").read_text(encoding="utf-8"))
+    exported = json.loads(tiny_pipeline.report("export").read_text(encoding="utf-8"))
+    for name, result in verify["outputs"].items():
+        assert f"| {name} | {result['max_abs_diff']} | {exported['outputs'][name]['max_abs_diff']} |" in text
+    assert "No published check values exist for this variant." in text
+    assert f"clipseg-pipeline {model_card.project_version()}" in text
+    assert "| reduce_dim | 16 |" in text
+    # Reproducible in any clone: no machine paths, no clock.
+    assert str(tiny_pipeline.root) not in text and not re.search(r"20\d\d-\d\d-\d\d", text)
+    assert text.endswith("```\n")
+
+
+def test_model_card_shows_the_published_check_when_there_is_one():
+    verify = {
+        "outputs": {"logits": {"max_abs_diff": 1e-5}},
+        "passed": True,
+        "tolerance_atol": 1e-4,
+        "published_check": {"logits": {"max_abs_diff": 2e-4, "tolerance": 1e-3, "passed": True}},
+    }
+    arch = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["models"]["clipseg-rd64"]["architecture"]
+    text = model_card.render(model_card.CardInputs(
+        variant="clipseg-rd64", dtype="float32", architecture=arch, image_size=352, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3, prompts=["a cat"], sources=[], verify=verify, export_atol=1e-4,
+        export_diffs={"logits": 1e-5}, transformers_version="5.24.0", project_version="0.1.0",
+    ))
+    assert "| logits | 0.0002 | 0.001 | True |" in text
+    assert "No published check values" not in text
+    assert "ViT, 12 layers, width 768, 12 heads, patch 16" in text
+
+
+def test_model_card_refuses_a_download_report_without_a_source():
+    from stages.params import Source
+
+    sources = {"clip": Source("clip", "https://example.org/clip.pt", None, None)}
+    with pytest.raises(model_card.ModelCardError, match=r"lacks the source\(s\) \['clip'\].*rerun the download stage"):
+        model_card.source_rows(sources, {"sources": {}})
+
+
+def test_project_version_falls_back_to_pyproject(monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    expected = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M).group(1)
+    assert model_card.project_version() == expected
+
+
+# float16 too: the snippet must cast the pixel values to the model's dtype (bfloat16 takes the same path).
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_model_card_usage_snippet_runs_as_written(tiny_pipeline, dtype_exports, tmp_path, dtype):  # noqa: F811
+    folder = copy_export(tiny_pipeline, tmp_path / "hf") if dtype == "float32" else dtype_exports[dtype][0]
+    result = run_snippet(folder, tiny_pipeline.original / "image")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == list(model_card.SNIPPET_PROMPTS)
+    assert all(line.endswith("mask (640, 480)") for line in lines), lines
+    assert {p.name for p in folder.iterdir()} == EXPORT_FILES, "the snippet must not write into the folder"

@@ -1,0 +1,160 @@
+"""Tests for stages/publish.py: the folder is checked against its manifest, --dry-run lists exactly its files without
+network, and a real run makes exactly the Hub calls expected (HfApi patched: no network here either)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import huggingface_hub
+import pytest
+from huggingface_hub import CommitInfo, HfApi
+
+from stages import publish
+from stages.tensor_io import sha256_file
+from tests.pipeline_fixture import VARIANT, copy_export, tiny_pipeline  # noqa: F401
+
+FAKE_TOKEN = "hf_fake_token_for_tests_0123456789"
+
+
+@pytest.fixture()
+def folder(tiny_pipeline, tmp_path):  # noqa: F811
+    """A private copy of the export, which a test may damage."""
+    return copy_export(tiny_pipeline, tmp_path / "hf")
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any Hub call fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no Hub call expected")
+
+    for name in ("create_repo", "upload_folder", "create_commit", "whoami"):
+        monkeypatch.setattr(HfApi, name, refuse)
+
+
+@pytest.fixture()
+def recorded_calls(monkeypatch):
+    """HfApi.create_repo and upload_folder replaced by recorders; a token in the environment."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", (repo_id,), kwargs))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", (), kwargs))
+        pr = "https://huggingface.co/org/name/discussions/1" if kwargs.get("create_pr") else None
+        return CommitInfo(commit_url="https://huggingface.co/org/name/commit/abc", commit_message=kwargs["commit_message"],
+                          commit_description="", oid="abc", pr_url=pr)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    return calls
+
+
+def listed(stdout: str) -> dict[str, tuple[int, str]]:
+    rows = re.findall(r"^  (\S+)\s+([\d,]+)  sha256 ([0-9a-f]{64})$", stdout, flags=re.M)
+    return {name: (int(size.replace(",", "")), sha) for name, size, sha in rows}
+
+
+def test_dry_run_lists_exactly_the_exports_files(folder, no_network, capsys):
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    files = listed(out)
+    assert set(files) == {p.name for p in folder.iterdir()}
+    for name, (size, sha) in files.items():
+        assert (size, sha) == ((folder / name).stat().st_size, sha256_file(folder / name)), name
+    assert out.startswith(f"would upload {len(files)} files") and "https://huggingface.co/org/name" in out
+
+
+def test_dry_run_finds_the_variants_folder_by_default(folder, no_network, monkeypatch, tmp_path, capsys):
+    (tmp_path / "outputs" / VARIANT).mkdir(parents=True)
+    folder.rename(tmp_path / "outputs" / VARIANT / "hf")
+    monkeypatch.chdir(tmp_path)
+    assert publish.main(["--variant", VARIANT, "--repo-id", "org/name", "--dry-run"]) == 0
+    assert f"from outputs/{VARIANT}/hf to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "config.json").write_text("{}", encoding="utf-8"), r"does not match its manifest.json: .*changed \['config.json'\]"),
+        (lambda f: (f / "notes.txt").write_text("x", encoding="utf-8"), r"unlisted \['notes.txt'\]"),
+        (lambda f: (f / "vocab.json").unlink(), r"missing \['vocab.json'\]"),
+        (lambda f: (f / "manifest.json").unlink(), r"manifest.json: no manifest; this is not an export folder"),
+        (lambda f: (f / "manifest.json").write_text("[]", encoding="utf-8"), r"manifest.json: not a readable export manifest"),
+    ],
+)
+def test_a_folder_that_does_not_match_its_manifest_is_refused(folder, no_network, capsys, damage, message):
+    damage(folder)
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(message, err), err
+
+
+def test_a_folder_without_weights_is_refused_even_if_its_manifest_agrees(folder, no_network):
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    del manifest["files"]["model.safetensors"]
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(publish.PublishError, match=r"lacks \['model.safetensors'\]; a model repository needs them"):
+        publish.check_folder(folder)
+
+
+def test_missing_folder_and_bad_repo_id_are_clear_errors(tmp_path, no_network, capsys):
+    assert publish.main(["--folder", str(tmp_path / "absent"), "--repo-id", "org/name", "--dry-run"]) == 1
+    assert "absent: no such export folder; run `dvc repro`" in capsys.readouterr().err
+    assert publish.main(["--folder", str(tmp_path), "--repo-id", "not a/repo/id", "--dry-run"]) == 1
+    assert "--repo-id 'not a/repo/id' is not a Hub repository id" in capsys.readouterr().err
+
+
+def test_publish_creates_the_repo_and_uploads_the_checked_files_in_one_commit(folder, recorded_calls, capsys):
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--private", "--create-pr"]) == 0
+    assert [call[0] for call in recorded_calls] == ["create_repo", "upload_folder"]
+    _, args, kwargs = recorded_calls[0]
+    assert args == ("org/name",) and kwargs == {"repo_type": "model", "private": True, "exist_ok": True}
+    _, _, kwargs = recorded_calls[1]
+    assert kwargs.pop("commit_message").startswith("Upload CLIPSeg (float32) exported by clipseg-pipeline ")
+    description = kwargs.pop("commit_description")
+    model_sha = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"]["model.safetensors"]["sha256"]
+    assert model_sha in description
+    assert sorted(kwargs.pop("allow_patterns")) == sorted(p.name for p in folder.iterdir())
+    assert kwargs == {"repo_id": "org/name", "repo_type": "model", "folder_path": folder, "create_pr": True}
+    captured = capsys.readouterr()
+    assert "published: https://huggingface.co/org/name/discussions/1" in captured.out
+    assert FAKE_TOKEN not in captured.out + captured.err
+
+
+def test_publish_defaults_to_a_public_commit_on_main(folder, recorded_calls, capsys):
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name"]) == 0
+    assert recorded_calls[0][2]["private"] is False and recorded_calls[1][2]["create_pr"] is False
+    assert "published: https://huggingface.co/org/name/commit/abc" in capsys.readouterr().out
+
+
+def test_publish_without_a_token_stops_before_any_call(folder, no_network, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name"]) == 1
+    assert "no Hugging Face token: log in with `hf auth login` or set HF_TOKEN" in capsys.readouterr().err
+
+
+def test_a_refused_upload_says_how_to_fix_it(folder, recorded_calls, monkeypatch, capsys):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def unauthorized(self, repo_id, **kwargs):
+        response = httpx2.Response(401, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+        raise HfHubHTTPError("401 Unauthorized", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", unauthorized)
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name"]) == 1
+    err = capsys.readouterr().err
+    assert "the Hub refused the upload to org/name" in err and "hf auth login" in err and FAKE_TOKEN not in err
+
+
+def test_the_commit_names_the_project_checkout_not_the_export():
+    # The export itself never holds the git commit (it must be identical in every clone); the Hub commit does.
+    revision = publish.git_revision()
+    assert revision is None or re.fullmatch(r"[0-9a-f]{40}( with uncommitted changes)?", revision)
