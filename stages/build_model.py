@@ -7,13 +7,12 @@ then streamed into model.safetensors in the model's working precision, one at a 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from . import params as params_mod
-from .errors import run_stage
+from .errors import exit_now, run_stage
 from .hf_model import check_state_dict, config_from_architecture, meta_model
 from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, write_json, write_safetensors
 
@@ -54,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

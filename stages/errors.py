@@ -49,3 +49,11 @@ def run_stage(stage: str, variant: str, body: Callable[[], None]) -> int:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     return 0
+
+
+def exit_now(code: int) -> None:
+    """End a stage's process at once: with torch and transformers loaded, the interpreter's orderly shutdown takes
+    seconds and does nothing a finished stage needs (its outputs are written and closed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

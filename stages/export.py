@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from . import model_card
+from .hf_model import check_state_dict, meta_model
 from . import params as params_mod
-from .errors import PipelineError, run_stage
+from .errors import PipelineError, exit_now, run_stage
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
-from .tensor_io import TensorFile, atomic_output, round_figure, sha256_file, write_json, write_safetensors
+from .tensor_io import LazyTensors, Spec, TensorFile, spec_of, atomic_output, round_figure, sha256_file, write_json, write_safetensors
 from .verify_outputs import FIGURE_DIGITS, OUTPUTS, hf_outputs, recorded_figure
 
 STAGE = "export"
@@ -71,17 +71,23 @@ def tokenizer_config() -> dict:
     }
 
 
-def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Every tensor in `dtype`; refuses a weight that does not fit it (float16 overflows beyond 65504)."""
+def cast_tensors(source: Mapping[str, torch.Tensor], dtype: str) -> LazyTensors:
+    """Every tensor in `dtype`, cast one at a time as it is written; refuses a weight that does not fit the dtype
+    (float16 overflows beyond 65504; bfloat16 has float32's range)."""
     target = getattr(torch, dtype)
-    cast = {name: tensor.to(target) for name, tensor in tensors.items()}
-    overflow = sorted(name for name, t in cast.items() if not bool(torch.isfinite(t).all()) and bool(torch.isfinite(tensors[name]).all()))
-    if overflow:
-        raise ExportError(
-            f"tensor(s) {overflow} do not fit {dtype} (values become inf); set models.<variant>.export.dtype to "
-            "bfloat16 or float32 in params.yaml"
-        )
-    return cast
+
+    def cast(name: str) -> torch.Tensor:
+        tensor = source[name].to(target)
+        if target == torch.float16 and tensor.numel():
+            low, high = torch.aminmax(tensor)  # an overflow shows as inf; aminmax is far cheaper than isfinite
+            if low.isinf() or high.isinf():
+                raise ExportError(
+                    f"tensor {name!r} does not fit {dtype} (values become inf); set models.<variant>.export.dtype to "
+                    "bfloat16 or float32 in params.yaml"
+                )
+        return tensor
+
+    return LazyTensors({name: Spec(target, spec_of(source, name).shape) for name in source}, cast)
 
 
 def export_config(config: Mapping, dtype: str) -> dict:
@@ -91,8 +97,7 @@ def export_config(config: Mapping, dtype: str) -> dict:
 def write_weights(model_dir: Path, out: Path, dtype: str, variant: str) -> dict:
     """model.safetensors and config.json in `dtype`; returns the config written."""
     source = TensorFile(model_dir / "model.safetensors")
-    tensors = cast_tensors({name: source[name] for name in source}, dtype)
-    write_safetensors(out / "model.safetensors", tensors, {"format": "pt", "stage": STAGE, "variant": variant, "dtype": dtype})
+    write_safetensors(out / "model.safetensors", cast_tensors(source, dtype), {"format": "pt", "stage": STAGE, "variant": variant, "dtype": dtype})
     config = export_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), dtype)
     write_json(out / "config.json", config)
     return config
@@ -105,12 +110,9 @@ def write_manifest(out: Path) -> dict:
     return manifest
 
 
-def check_export(out: Path, reference_file: Path, prompts: Sequence[str], atol: float) -> dict:
-    """Load the folder as a user would: its tokenizer must give verify-outputs' token ids for the same prompts, and its
-    model, fed those ids and the reference pixel values, must give the reference outputs within `atol`."""
+def check_tokenizer(out: Path, reference: TensorFile, prompts: Sequence[str]) -> None:
+    """The folder's processor loads, and its tokenizer gives verify-outputs' token ids for the same prompts."""
     processor = CLIPSegProcessor.from_pretrained(out)
-    model = CLIPSegForImageSegmentation.from_pretrained(out).eval()
-    reference = TensorFile(reference_file)
     ids = token_ids(processor.tokenizer, prompts)
     for name in ("input_ids", "attention_mask"):
         if not torch.equal(ids[name], reference[name]):
@@ -118,8 +120,24 @@ def check_export(out: Path, reference_file: Path, prompts: Sequence[str], atol: 
                 f"the tokenizer in {out} gives {name} {ids[name].tolist()} for {list(prompts)}, verify-outputs used "
                 f"{reference[name].tolist()}; check tokenizer_config.json and special_tokens_map.json against the tokenizer files"
             )
+
+
+def check_loadable(out: Path) -> None:
+    """config.json builds a model whose state dict is exactly model.safetensors' tensors, as from_pretrained needs.
+
+    A float32 export is a tensor-for-tensor copy of the verified model (write_safetensors re-reads every tensor it
+    writes), so verify-outputs' figures are this folder's: checking that it loads needs no second forward pass.
+    """
+    exported = TensorFile(out / "model.safetensors")
+    check_state_dict(meta_model(CLIPSegConfig.from_pretrained(out)), {name: spec.shape for name, spec in exported.specs.items()})
+
+
+def check_outputs(out: Path, reference: TensorFile, atol: float) -> dict:
+    """A float16/bfloat16 export, loaded as a user would and fed verify-outputs' inputs, gives the reference outputs
+    within `atol` (the dtype's own error)."""
+    model = CLIPSegForImageSegmentation.from_pretrained(out).eval()
     dtype = next(model.parameters()).dtype
-    got = hf_outputs(model, reference["pixel_values"].to(dtype), ids["input_ids"], ids["attention_mask"])
+    got = hf_outputs(model, reference["pixel_values"].to(dtype), reference["input_ids"], reference["attention_mask"])
     results = {}
     for name in OUTPUTS:
         diff = (got[name].float() - reference[name].float()).abs().max().item()
@@ -132,6 +150,17 @@ def check_export(out: Path, reference_file: Path, prompts: Sequence[str], atol: 
             "or export float32"
         )
     return results
+
+
+def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype: str, atol: float, verify_report: Mapping) -> dict:
+    """Load the folder as a user would and hold it to what verify-outputs checked; the outputs' differences from the
+    reference, as {output: {max_abs_diff, passed}} (for float32: verify-outputs' own, the weights being identical)."""
+    reference = TensorFile(reference_file)
+    check_tokenizer(out, reference, prompts)
+    if dtype != "float32":
+        return check_outputs(out, reference, atol)
+    check_loadable(out)
+    return {name: {"max_abs_diff": verify_report["outputs"][name]["max_abs_diff"], "passed": verify_report["outputs"][name]["passed"], "same_weights": True} for name in OUTPUTS}
 
 
 def recorded_diff(diff: float, passed: bool, dtype: str) -> float | None:
@@ -165,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-
         params = params_mod.load(args.params)
         model = params.model(args.variant)
         download_report = read_report(args.download_report, "download")
@@ -184,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(staging / "preprocessor_config.json", preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
             write_json(staging / "tokenizer_config.json", tokenizer_config())
             write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS)
-            results = check_export(staging, args.reference, model.prompts, atol)
+            results = check_export(staging, args.reference, model.prompts, model.dtype, atol, verify_report)
             diffs = {name: recorded_diff(r["max_abs_diff"], r["passed"], model.dtype) for name, r in results.items()}
             card = model_card.render(model_card.CardInputs(
                 variant=args.variant,
@@ -222,4 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

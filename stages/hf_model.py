@@ -1,5 +1,5 @@
-"""The Hugging Face side: CLIPSegConfig from a variant's architecture, and a model built from tensors without a
-random initialisation (constructed on the meta device, then the loaded tensors are assigned in place)."""
+"""The Hugging Face side: CLIPSegConfig from a variant's architecture, the model's structure on the meta device (no
+memory, no random initialisation), and the strict accounting of a set of tensors against its state dict."""
 
 from __future__ import annotations
 
@@ -64,25 +64,3 @@ def check_state_dict(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...
             f"the remapped tensors do not fit CLIPSegForImageSegmentation: {'; '.join(problems)}. "
             "Rerun remap-weights after fixing the variant's architecture"
         )
-
-
-def build_model(config: CLIPSegConfig, tensors: Mapping[str, torch.Tensor]) -> CLIPSegForImageSegmentation:
-    """Construct on the meta device (no memory, no random init) and assign `tensors`; every key accounted for."""
-    model = meta_model(config)
-    check_state_dict(model, {name: tuple(t.shape) for name, t in tensors.items()})
-    model.load_state_dict(dict(tensors), strict=True, assign=True)
-    _materialize_buffers(model)
-    return model.eval()
-
-
-def _materialize_buffers(model: torch.nn.Module) -> None:
-    # position_ids are non-persistent buffers: not in the state dict, so still on the meta device. Recreate them.
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                if name != "position_ids":
-                    raise BuildError(f"buffer {name!r} of {type(module).__name__} has no value after loading")
-                module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
-    leftover = [name for name, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise BuildError(f"parameters left without a value: {leftover}")

@@ -15,11 +15,10 @@ import argparse
 import glob
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PipelineError, run_stage
+from .errors import PipelineError, exit_now, run_stage
 from .tensor_io import sha256_file
 
 STAGE = "publish"
@@ -189,4 +188,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import PipelineError, run_stage
+from .errors import PipelineError, exit_now, run_stage
 
 from . import params as params_mod
 from .original import CLIP_SCALARS, clip_shapes, decoder_shapes
@@ -281,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

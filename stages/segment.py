@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PipelineError, run_stage
+from .errors import PipelineError, exit_now, run_stage
 
 STAGE = "segment"
 CONTACT_SHEET = "contact-sheet.png"
@@ -136,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -85,8 +85,8 @@ def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, mode) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        # No fsync: the rename already guarantees that a killed stage leaves either the old file or the whole new one,
+        # and after a power loss DVC sees a damaged output as changed (size and hash) and reruns its stage.
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from transformers import CLIPSegForImageSegmentation
 
 from . import params as params_mod
-from .errors import PipelineError, run_stage
+from .errors import PipelineError, exit_now, run_stage
 from .inputs import load_image, pixel_values, token_ids, tokenizer
 from .pictures import write_mask_pictures
 from .reference import reference_forward
@@ -394,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -139,8 +139,10 @@ def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, 
 
 
 def test_float16_overflow_is_refused_with_the_tensor_named():
-    with pytest.raises(export.ExportError, match=r"\['big'\] do not fit float16.*bfloat16 or float32"):
-        export.cast_tensors({"big": torch.tensor([1e6]), "small": torch.tensor([1.0])}, "float16")
+    cast = export.cast_tensors({"big": torch.tensor([1e6]), "small": torch.tensor([1.0])}, "float16")
+    assert cast["small"].dtype == torch.float16
+    with pytest.raises(export.ExportError, match=r"tensor 'big' does not fit float16.*bfloat16 or float32"):
+        cast["big"]
     assert export.cast_tensors({"big": torch.tensor([1e6])}, "bfloat16")["big"].dtype == torch.bfloat16
 
 
@@ -151,7 +153,7 @@ def test_a_tokenizer_config_that_changes_the_ids_fails_the_check(tiny_pipeline, 
     special = {**export.SPECIAL_TOKENS, "bos_token": "<|endoftext|>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     with pytest.raises(export.ExportError, match="the tokenizer in .* gives input_ids"):
-        export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, 1e-4)
+        export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, "float32", 1e-4, {})
 
 
 def test_a_missing_report_is_named_with_the_stage_to_run(tiny_pipeline, tmp_path, capsys):  # noqa: F811
