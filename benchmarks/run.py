@@ -1,0 +1,523 @@
+"""Benchmark the pipeline on a full-size (ViT-B/16, 150.7 M parameters) synthetic checkpoint against the old one-shot
+conversion script, in one run, every measurement in a fresh process.
+
+    python benchmarks/run.py [--out benchmarks/results/latest.json] [--keep DIR] [--quick]
+
+Steps (see benchmarks/README.md for what each figure means):
+ 1. a temporary project copy (stages/, dvc.yaml, params.yaml, .dvc/config, git init) and full-size synthetic sources
+    in the published formats (benchmarks/sources.py, built on stages.synthetic), pinned in the copy's params.yaml;
+ 2. the baseline (benchmarks/baseline.py) and the I/O floor (benchmarks/floor.py);
+ 3. each stage of clipseg-rd64 run as dvc.yaml's cmd, one after the other, outside DVC;
+ 4. a cold `dvc repro` (fresh cache, sources read in place), then no-op `dvc repro`s (rd64, then the three published
+    variants), then `dvc repro export@clipseg-rd64` after changing only an export setting.
+Prints the figures, the ratios and the targets' verdicts, and writes everything to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VENV_BIN = Path(sys.executable).parent
+VARIANT = "clipseg-rd64"
+PUBLISHED = ("clipseg-rd64", "clipseg-rd16", "clipseg-rd64-refined")
+# What the project copy needs to run the stages and DVC (the tests, data and caches are left out).
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "pyproject.toml")
+PROMPTS_IMAGE = "image.jpg"
+STAGE_TIMEOUT_S = 300
+# Disk the work folder needs: sources (~1 GB) and per built variant ~2.8 GB of outputs (the DVC cache hardlinks them;
+# on a filesystem without links it copies them, doubling this).
+NEEDED_GB = {"quick": 6, "full": 12}
+# The targets of issue 4: (figure, limit, what it is compared with).
+TARGETS = {
+    "pipeline_cold": 2.0,  # x baseline end-to-end
+    "work_vs_floor": {"remap-weights": 3.0, "build-model": 3.0, "export": 3.0},  # x plain safetensors save
+    "work_vs_forward": {"verify-outputs": 1.0},  # x baseline single forward pass
+    "rss_vs_baseline": {"remap-weights": 0.5, "export": 0.5, "build-model": 0.75, "verify-outputs": 0.75},
+    "noop_s": 2.0,  # seconds, strictly below
+    "export_change": 0.6,  # x baseline end-to-end
+}
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and shows its stderr's tail."""
+
+
+@dataclass
+class Run:
+    """One child process: its wall time (perf_counter around it) and its peak RSS (os.wait4 on it)."""
+
+    name: str
+    argv: list[str]
+    wall_s: float
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+    stderr: str
+    timings: list[dict] = field(default_factory=list)  # lines the stages appended to $CLIPSEG_TIMINGS
+    loadavg: float = 0.0  # the 1-minute load average when the child started: a figure taken on a busy machine is inflated
+
+
+class Runner:
+    def __init__(self, logs: Path, env: dict[str, str], timeout_scale: float):
+        self.logs = logs
+        self.env = env
+        self.timeout_scale = timeout_scale
+        self.runs: list[Run] = []
+
+    def run(self, name: str, argv: list[str], cwd: Path, timeout_s: float, timings: bool = False) -> Run:
+        """Run `argv` to completion in its own process group; a failure or timeout raises BenchError."""
+        safe = re.sub(r"[^\w.-]+", "_", name)
+        out_path, err_path = self.logs / f"{safe}.out", self.logs / f"{safe}.err"
+        timings_path = self.logs / f"{safe}.timings.jsonl"
+        env = dict(self.env)
+        if timings:
+            timings_path.unlink(missing_ok=True)
+            env["CLIPSEG_TIMINGS"] = str(timings_path)
+        timeout_s *= self.timeout_scale
+        timed_out = threading.Event()
+        print(f"  {name} ...", end="", flush=True)
+        load = os.getloadavg()[0]
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            started = time.perf_counter()
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+
+            def kill() -> None:
+                timed_out.set()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the child's own group: it and what it started
+                except ProcessLookupError:
+                    pass
+
+            timer = threading.Timer(timeout_s, kill)
+            timer.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                kill()
+                proc.wait()
+                raise
+            finally:
+                timer.cancel()
+            wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: keep Popen from waiting again
+        run = Run(name, list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, str(out_path), str(err_path), loadavg=load)
+        if timings and timings_path.exists():
+            run.timings = [json.loads(line) for line in timings_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.runs.append(run)
+        print(f" {wall:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB (load {load:.1f})", flush=True)
+        if timed_out.is_set() or run.returncode != 0:
+            why = f"timed out after {timeout_s:.0f} s" if timed_out.is_set() else f"exited with status {run.returncode}"
+            raise BenchError(f"{name} {why}\n  command: {shlex.join(argv)}\n  in: {cwd}\n  stderr ({err_path}), last lines:\n{tail(err_path)}")
+        return run
+
+
+def tail(path: Path | str, lines: int = 25) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"    (cannot read: {exc})"
+    # Progress bars rewrite their line with \r: keep only the last state of each line.
+    rows = [row.rsplit("\r", 1)[-1] for row in text.splitlines()]
+    return "\n".join("    " + row for row in rows[-lines:]) or "    (empty)"
+
+
+# ---- the project copy ----------------------------------------------------------------------------------------------
+
+
+def make_project(root: Path, dvc_yaml: Path | None = None) -> None:
+    """A fresh git + DVC project holding the repository's pipeline code and settings (no data, lock or cache)."""
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in PROJECT_FILES:
+        if (REPO / name).exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO / name, root / name)
+    if dvc_yaml:
+        shutil.copyfile(dvc_yaml, root / "dvc.yaml")
+    try:
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True, timeout=60, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(f"git init in {root} failed: {exc}") from exc
+
+
+def write_params(root: Path, sources: Path, manifest: dict, variants: list[str], changes: dict[str, object] | None = None) -> None:
+    """The repository's params.yaml with the published variants' sources pointing at the synthetic files, every one
+    pinned, no published check values (random weights cannot match them), and `variants` as given."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    files = manifest["files"]
+    for variant in PUBLISHED:
+        model = data["models"][variant]
+        pinned = {name: {"url": str(sources / file), "sha256": files[file]["sha256"]}
+                  for name, file in (("clip", "clip.pt"), ("vocab", "vocab.json"), ("merges", "merges.txt"), ("image", PROMPTS_IMAGE))}
+        pinned["decoder"] = {"url": str(sources / "weights.zip"), "sha256": files["weights.zip"]["sha256"],
+                             "member": manifest["members"][variant]}
+        model["sources"] = dict(sorted(pinned.items()))
+        model["expected"] = None
+    data["variants"] = list(variants)
+    for dotted, value in (changes or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise BenchError(f"--export-change: params.yaml has no key {dotted!r}")
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False, width=1000), encoding="utf-8")
+
+
+def stage_commands(root: Path, variant: str) -> list[tuple[str, str]]:
+    """(stage name, shell command) in dvc.yaml's order, with `${item.variant}` and `${params.key}` resolved as DVC
+    resolves them."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+
+    def value(expr: str) -> str:
+        if expr == "item.variant":
+            return variant
+        node = params
+        for key in expr.split("."):
+            if not isinstance(node, dict) or key not in node:
+                raise BenchError(f"dvc.yaml: cannot resolve ${{{expr}}} for the benchmark")
+            node = node[key]
+        return str(node)
+
+    commands = []
+    for name, stage in spec["stages"].items():
+        cmd = stage["cmd"]
+        cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd
+        commands.append((name, re.sub(r"\$\{\s*([^}]+?)\s*\}", lambda m: value(m.group(1)), cmd)))
+    return commands
+
+
+def reset_outputs(root: Path) -> None:
+    """Back to a fresh checkout: no outputs, no lock file, no DVC cache."""
+    for path in ("data", "outputs", "reports", ".dvc/cache", ".dvc/tmp", "dvc.lock"):
+        target = root / path
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def code_version() -> dict:
+    """The repository's commit and the files under stages/ and dvc.yaml/params.yaml that differ from it."""
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted": git("status", "--short", "--", "stages", "dvc.yaml", "params.yaml").splitlines()}
+
+
+# ---- figures -------------------------------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def verdict(value: float | None, limit: float, strict: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return "PASS" if (value < limit if strict else value <= limit) else "FAIL"
+
+
+def by_stage(records: list[dict]) -> dict[str, dict]:
+    return {record["stage"]: record for record in records}
+
+
+def stage_rows(direct: dict[str, Run]) -> dict[str, dict]:
+    rows = {}
+    for name, run in direct.items():
+        record = run.timings[-1] if run.timings else {}
+        rows[name] = {
+            "wall_s": run.wall_s,
+            "startup_s": record.get("startup_s"),
+            "work_s": record.get("work_s"),
+            "other_s": run.wall_s - record["startup_s"] - record["work_s"] if record else None,  # shell, exit, teardown
+            "peak_rss_mb": run.peak_rss_mb,
+            "peak_rss_mb_self_reported": record.get("peak_rss_mb"),
+        }
+    return rows
+
+
+def evaluate(results: dict) -> list[dict]:
+    base, floor = results["baseline"], results["floor"]
+    rows = results["stages"]
+    targets = []
+
+    def add(name: str, value: float | None, limit: float, unit: str, strict: bool = False, note: str = "") -> None:
+        targets.append({"target": name, "value": value, "limit": limit, "unit": unit, "strict": strict,
+                        "verdict": verdict(value, limit, strict), "note": note})
+
+    cold = results["dvc"].get("cold_repro", {})
+    add("pipeline cold (dvc repro) / baseline end-to-end", ratio(cold.get("wall_s"), base["wall_s"]), TARGETS["pipeline_cold"], "x")
+    for stage, limit in TARGETS["work_vs_floor"].items():
+        add(f"{stage} work / I/O floor", ratio(rows.get(stage, {}).get("work_s"), floor["save_s"]), limit, "x")
+    for stage, limit in TARGETS["work_vs_forward"].items():
+        add(f"{stage} work / baseline forward", ratio(rows.get(stage, {}).get("work_s"), base["forward_s"]), limit, "x")
+    for stage, limit in TARGETS["rss_vs_baseline"].items():
+        add(f"{stage} peak RSS / baseline peak", ratio(rows.get(stage, {}).get("peak_rss_mb"), base["peak_rss_mb"]), limit, "x")
+    noop = results["dvc"].get("noop_published") or results["dvc"].get("noop_rd64") or {}
+    add(f"no-op dvc repro ({', '.join(noop.get('variants', [])) or 'not run'})", noop.get("median_s"), TARGETS["noop_s"], "s", strict=True,
+        note="" if noop.get("variants") == list(PUBLISHED) else "only rd64 measured; the target is for the three published variants")
+    change = results["dvc"].get("export_change", {})
+    add("export-only change (dvc repro) / baseline end-to-end", ratio(change.get("wall_s"), base["wall_s"]), TARGETS["export_change"], "x")
+    return targets
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(results: dict) -> None:
+    base, floor, rows = results["baseline"], results["floor"], results["stages"]
+    print("\n== References ==")
+    print(f"baseline (old one-shot script): end-to-end {base['wall_s']:.2f} s, peak RSS {base['peak_rss_mb']:.0f} MB; "
+          f"imports {base['imports_s']:.2f} s, construct (random init) {base['construct_s']:.2f} s, torch.load {base['load_s']:.2f} s, "
+          f"convert {base['convert_s']:.2f} s, processor {base['processor_s']:.2f} s, forward {base['forward_s']:.2f} s, "
+          f"save_pretrained {base['save_s']:.2f} s")
+    print(f"I/O floor (safetensors save_file, {floor['bytes'] / 1e6:.0f} MB): {floor['save_s']:.2f} s (+ {floor['fsync_s']:.2f} s to fsync it, not counted)")
+
+    limits_floor, limits_fwd, limits_rss = TARGETS["work_vs_floor"], TARGETS["work_vs_forward"], TARGETS["rss_vs_baseline"]
+    print("\n== Stages of clipseg-rd64, each run alone as dvc.yaml's cmd (fresh process) ==")
+    head = f"{'stage':<15}{'wall s':>8}{'start s':>8}{'work s':>8}{'other s':>8}{'RSS MB':>8} | {'wall/e2e':>8}{'work/fwd':>9}{'RSS/base':>9}{'work/floor':>11} | targets"
+    print(head)
+    print("-" * len(head) + "-" * 30)
+    for stage, row in rows.items():
+        w_e2e, w_fwd = ratio(row["wall_s"], base["wall_s"]), ratio(row["work_s"], base["forward_s"])
+        r_base, w_floor = ratio(row["peak_rss_mb"], base["peak_rss_mb"]), ratio(row["work_s"], floor["save_s"])
+        checks = []
+        if stage in limits_floor:
+            checks.append(f"work<={limits_floor[stage]}x floor {verdict(w_floor, limits_floor[stage])}")
+        if stage in limits_fwd:
+            checks.append(f"work<={limits_fwd[stage]}x fwd {verdict(w_fwd, limits_fwd[stage])}")
+        if stage in limits_rss:
+            checks.append(f"RSS<={limits_rss[stage]}x {verdict(r_base, limits_rss[stage])}")
+        print(f"{stage:<15}{fmt(row['wall_s']):>8}{fmt(row['startup_s']):>8}{fmt(row['work_s']):>8}{fmt(row['other_s']):>8}"
+              f"{row['peak_rss_mb']:>8.0f} | {fmt(w_e2e):>8}{fmt(w_fwd):>9}{fmt(r_base):>9}{fmt(w_floor):>11} | {'; '.join(checks)}")
+    total = {k: sum(r[k] or 0 for r in rows.values()) for k in ("wall_s", "startup_s", "work_s", "other_s")}
+    print(f"{'all five':<15}{total['wall_s']:>8.2f}{total['startup_s']:>8.2f}{total['work_s']:>8.2f}{total['other_s']:>8.2f}"
+          f"{max(r['peak_rss_mb'] for r in rows.values()):>8.0f} | {fmt(ratio(total['wall_s'], base['wall_s'])):>8}")
+
+    print("\n== DVC ==")
+    dvc = results["dvc"]
+    cold = dvc.get("cold_repro")
+    if cold:
+        print(f"cold `dvc repro` ({VARIANT}, fresh cache, hashing included): {cold['wall_s']:.2f} s = {fmt(ratio(cold['wall_s'], base['wall_s']))}x baseline; "
+              f"stages' start-up {cold['stages_startup_s']:.2f} s + work {cold['stages_work_s']:.2f} s, "
+              f"DVC itself (start-up, hashing, caching, lock; and stage exits) {cold['dvc_overhead_s']:.2f} s; peak RSS of the tree {cold['peak_rss_mb']:.0f} MB")
+        for stage, rec in cold["stages"].items():
+            print(f"    {stage:<15} start-up {rec['startup_s']:.2f} s, work {rec['work_s']:.2f} s, peak {rec['peak_rss_mb']:.0f} MB")
+    for key, label in (("noop_rd64", "no-op `dvc repro`, clipseg-rd64"), ("noop_published", "no-op `dvc repro`, the three published variants")):
+        if dvc.get(key):
+            noop = dvc[key]
+            print(f"{label}: median {noop['median_s']:.2f} s (runs: {', '.join(f'{s:.2f}' for s in noop['runs_s'])}); stages run: {noop['stages_run'] or 'none'}")
+    if dvc.get("build_other_variants"):
+        other = dvc["build_other_variants"]
+        print(f"(building clipseg-rd16 + clipseg-rd64-refined for the no-op check: {other['wall_s']:.2f} s)")
+    change = dvc.get("export_change")
+    if change:
+        print(f"after changing only {change['change']}: `{change['command']}` {change['wall_s']:.2f} s = {fmt(ratio(change['wall_s'], base['wall_s']))}x baseline; "
+              f"stages run: {change['stages_run']}")
+
+    print("\n== Where the time goes ==")
+    print(f"baseline: imports {base['imports_s']:.2f} s ({base['imports_s'] / base['wall_s']:.0%} of its {base['wall_s']:.2f} s), "
+          f"forward {base['forward_s'] / base['wall_s']:.0%}, random init {base['construct_s'] / base['wall_s']:.0%}")
+    print(f"our five stages run alone: start-up/imports {total['startup_s']:.2f} s ({total['startup_s'] / total['wall_s']:.0%}), "
+          f"work {total['work_s']:.2f} s ({total['work_s'] / total['wall_s']:.0%}), process exit/shell {total['other_s']:.2f} s")
+    if cold:
+        print(f"cold dvc repro: stages' start-up {cold['stages_startup_s'] / cold['wall_s']:.0%}, stages' work {cold['stages_work_s'] / cold['wall_s']:.0%}, "
+              f"DVC and process exits {cold['dvc_overhead_s'] / cold['wall_s']:.0%}")
+
+    print("\n== Targets ==")
+    for t in results["targets"]:
+        limit = f"{'<' if t['strict'] else '<='} {t['limit']}{t['unit']}"
+        value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+        print(f"  {t['verdict']:<5} {t['target']:<62} {value:>8}  (target {limit}){'  ' + t['note'] if t['note'] else ''}")
+    load = results["machine"]
+    print(f"\nload average before/after: {load['loadavg_before']} / {load['loadavg_after']} on {load['cpus']} CPUs"
+          + ("  -- the machine was busy: timings are inflated" if max(load["loadavg_before"][0], load["loadavg_after"][0]) > 0.5 * load["cpus"] else ""))
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------------------
+
+
+def dvc_run(runner: Runner, name: str, args: list[str], root: Path, timeout_s: float) -> Run:
+    return runner.run(name, [str(VENV_BIN / "dvc"), *args], root, timeout_s, timings=True)
+
+
+def stages_ran(run: Run) -> list[str]:
+    """The stages `dvc repro` says it ran, in order."""
+    return re.findall(r"^Running stage '([^']+)'", Path(run.stdout).read_text(encoding="utf-8", errors="replace"), re.MULTILINE)
+
+
+def dvc_status(root: Path, env: dict[str, str], target: str) -> str:
+    """`dvc status` of a target (untimed): why DVC considers its stages changed."""
+    try:
+        done = subprocess.run([str(VENV_BIN / "dvc"), "status", target], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(dvc status failed: {exc})"
+    return done.stdout.strip()
+
+
+def benchmark(work: Path, args: argparse.Namespace, results: dict) -> dict:
+    """Fill `results` step by step (a failure leaves what was measured so far)."""
+    logs, sources, root = work / "logs", work / "sources", work / "project"
+    logs.mkdir(parents=True)
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` and `dvc` in dvc.yaml's cmds: this venv's
+    env["DVC_SITE_CACHE_DIR"] = str(work / "dvc-site-cache")  # DVC's state and index: fresh, and removed with the rest
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"  # everything is local: never wait on the network
+    env.pop("CLIPSEG_TIMINGS", None)
+    runner = Runner(logs, env, args.timeout_scale)
+    py = sys.executable
+    results |= {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                                 "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
+                     "variant": VARIANT, "runs": runner.runs}
+
+    results["code"] = code_version()
+    print("project copy and full-size synthetic sources")
+    make_project(root, args.dvc_yaml)
+    runner.run("sources", [py, str(HERE / "sources.py"), "--project", str(root), "--out", str(sources)], work, 600)
+    manifest = json.loads((sources / "sources.json").read_text(encoding="utf-8"))
+    results["sources"] = manifest
+    write_params(root, sources, manifest, [VARIANT])
+
+    print("references")
+    base_report, floor_report = logs / "baseline.json", logs / "floor.json"
+    run = runner.run("baseline", [py, str(HERE / "baseline.py"), "--checkpoint", str(sources / "original-rd64.pth"),
+                                  "--vocab", str(sources / "vocab.json"), "--merges", str(sources / "merges.txt"),
+                                  "--image", str(sources / PROMPTS_IMAGE), "--out", str(work / "baseline-out"),
+                                  "--report", str(base_report)], work, 600)
+    results["baseline"] = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, **json.loads(base_report.read_text(encoding="utf-8"))}
+    shutil.rmtree(work / "baseline-out", ignore_errors=True)
+    run = runner.run("floor", [py, str(HERE / "floor.py"), "--checkpoint", str(sources / "original-rd64.pth"),
+                               "--out", str(work / "floor.safetensors"), "--report", str(floor_report)], work, 300)
+    results["floor"] = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, **json.loads(floor_report.read_text(encoding="utf-8"))}
+    (work / "floor.safetensors").unlink(missing_ok=True)
+
+    print(f"stages of {VARIANT}, each alone")
+    direct = {}
+    for stage, cmd in stage_commands(root, VARIANT):
+        direct[stage] = runner.run(f"stage {stage}", ["/bin/sh", "-c", cmd], root, STAGE_TIMEOUT_S, timings=True)
+        if not direct[stage].timings:
+            raise BenchError(f"stage {stage} reported no timings to $CLIPSEG_TIMINGS (does its main() go through errors.run_stage?)")
+    results["stages"] = stage_rows(direct)
+    results["dvc"] = dvc = {}
+
+    print("dvc repro")
+    reset_outputs(root)
+    run = dvc_run(runner, "dvc repro (cold)", ["repro"], root, 900)
+    stages = by_stage(run.timings)
+    startup, work_s = sum(r["startup_s"] for r in stages.values()), sum(r["work_s"] for r in stages.values())
+    dvc["cold_repro"] = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "stages": stages,
+                         "stages_startup_s": startup, "stages_work_s": work_s, "dvc_overhead_s": run.wall_s - startup - work_s}
+
+    def noop(key: str, variants: list[str]) -> None:
+        runs = [dvc_run(runner, f"dvc repro (no-op, {len(variants)} variant(s), #{i + 1})", ["repro"], root, 300) for i in range(args.noop_runs)]
+        dvc[key] = {"variants": variants, "runs_s": [r.wall_s for r in runs], "median_s": statistics.median(r.wall_s for r in runs),
+                    "peak_rss_mb": max(r.peak_rss_mb for r in runs), "stages_run": sorted({s for r in runs for s in stages_ran(r)})}
+
+    noop("noop_rd64", [VARIANT])
+    if not args.quick:
+        write_params(root, sources, manifest, list(PUBLISHED))
+        run = dvc_run(runner, "dvc repro (build rd16 + refined)", ["repro"], root, 1800)
+        dvc["build_other_variants"] = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "stages": by_stage(run.timings)}
+        noop("noop_published", list(PUBLISHED))
+
+    key, _, raw = args.export_change.partition("=")
+    write_params(root, sources, manifest, [VARIANT] if args.quick else list(PUBLISHED), {key: yaml.safe_load(raw)})
+    command = ["repro", f"export@{VARIANT}"]
+    status = dvc_status(root, env, f"export@{VARIANT}")
+    run = dvc_run(runner, "dvc repro (export setting changed)", command, root, 600)
+    dvc["export_change"] = {"change": args.export_change, "command": "dvc " + shlex.join(command), "wall_s": run.wall_s,
+                            "peak_rss_mb": run.peak_rss_mb, "stages_run": stages_ran(run), "stages": by_stage(run.timings), "dvc_status_before": status}
+    if stages_ran(run) != [f"export@{VARIANT}"]:
+        print(f"  note: changing only {args.export_change} reran {stages_ran(run)}; `dvc status` before said:\n{status}")
+    results["dvc_yaml"] = str(args.dvc_yaml or REPO / "dvc.yaml")
+    results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = evaluate(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json", help="the JSON file for every figure")
+    parser.add_argument("--keep", type=Path, help="work in this (new or empty) folder and keep it: sources, project copy, logs")
+    parser.add_argument("--quick", action="store_true", help="measure the no-op repro for clipseg-rd64 only (skips building rd16 and refined)")
+    parser.add_argument("--noop-runs", type=int, default=3, help="no-op `dvc repro` runs to take the median of (default 3)")
+    parser.add_argument("--export-change", default=f"models.{VARIANT}.export.dtype=bfloat16", help="the export-only params change: KEY=YAML_VALUE")
+    parser.add_argument("--dvc-yaml", type=Path, help="benchmark this dvc.yaml instead of the repository's (a pipeline change not yet landed)")
+    parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every subprocess timeout (for a slow machine)")
+    args = parser.parse_args(argv)
+    if "=" not in args.export_change:
+        parser.error("--export-change must be KEY=VALUE")
+    if args.keep:
+        if args.keep.exists() and any(args.keep.iterdir()):
+            parser.error(f"--keep {args.keep}: the folder is not empty")
+        args.keep.mkdir(parents=True, exist_ok=True)
+        work = args.keep.resolve()
+    else:
+        work = Path(tempfile.mkdtemp(prefix="clipseg-bench-"))
+    needed = NEEDED_GB["quick" if args.quick else "full"]
+    free = shutil.disk_usage(work).free / 1e9
+    if free < needed:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"benchmark: {work} has {free:.1f} GB free, the run needs about {needed} GB; use --keep DIR on a larger disk", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    results: dict = {}
+    try:
+        benchmark(work, args, results)
+    except Exception as exc:  # noqa: BLE001 -- whatever failed, report it, keep what was measured, clean up
+        if not isinstance(exc, BenchError):
+            import traceback
+
+            traceback.print_exc()
+        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+        results["error"] = str(exc)
+        results["runs"] = [asdict(r) for r in results.get("runs", [])]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"what was measured before the failure: {args.out}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results["benchmark_s"] = time.perf_counter() - started
+    results["runs"] = [asdict(r) for r in results["runs"]]
+    report(results)
+    print(f"\nbenchmark took {results['benchmark_s']:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"figures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
