@@ -1,0 +1,159 @@
+"""End to end: `dvc repro` of two variants in a temporary copy of the project, one of them downloaded over HTTP.
+
+`clipseg-served` is the tiny architecture with its sources served, in the published formats (CLIP TorchScript
+archive, decoder weights zip with a member, tokenizer files, JPEG), by a local HTTP server on 127.0.0.1. The tests
+check that the exported folder loads with `from_pretrained` and computes exactly what the built model computes, and
+that DVC reruns exactly the stages a change concerns: nothing when nothing changed, only `verify-outputs` (and export,
+whose model card quotes its report) for a verify setting, only the changed variant's stages for one variant's setting.
+
+The copy's DVC cache links outputs as hardlinks (`cache.type: hardlink,copy`, set locally, as the README recommends
+for large artifacts): the reruns then also prove that no stage writes into an existing file in place, which would
+corrupt the cached object it shares.
+
+One `dvc repro` sequence is shared by the whole module (each step a module-scoped fixture, run once, in order);
+the module takes about three minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dvc_project import VARIANT, Project, Repro, clone, reproduced_template, stage_names
+from tests.http_server import LocalServer, serve
+
+pytestmark = pytest.mark.slow
+
+SERVED = "clipseg-served"
+VARIANTS = (VARIANT, SERVED)
+SYNTHETIC = Path("data/synthetic") / VARIANT
+# Source name -> (file served from the committed synthetic sources, zip member).
+SERVED_FILES = {
+    "clip": ("clip.pt", None),
+    "decoder": ("weights.zip", "tiny-uni.pth"),
+    "vocab": ("vocab.json", None),
+    "merges": ("merges.txt", None),
+    "image": ("image.jpg", None),
+}
+SERVED_PROMPTS = ["a cat on a sofa", "a remote"]
+
+
+@dataclass
+class Pipeline:
+    project: Project
+    server: LocalServer
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Pipeline:
+    """The reproduced template (clipseg-tiny built) plus `clipseg-served`, whose sources come from a local server."""
+    project = clone(reproduced_template(tmp_path_factory), tmp_path_factory.mktemp("e2e") / "repo", with_cache=True)
+    project.dvc("config", "--local", "cache.type", "hardlink,copy")
+    files = {f"/{name}": (project.root / SYNTHETIC / name).read_bytes() for name, _ in SERVED_FILES.values()}
+    with serve(files) as server:
+
+        def add_served_variant(params: dict) -> None:
+            served = copy.deepcopy(params["models"][VARIANT])
+            served["sources"] = {
+                source: {"url": server.url(f"/{name}"), "sha256": hashlib.sha256(files[f"/{name}"]).hexdigest()}
+                | ({"member": member} if member else {})
+                for source, (name, member) in SERVED_FILES.items()
+            }
+            served["verify"]["prompts"] = SERVED_PROMPTS
+            params["models"][SERVED] = served
+            params["variants"] = list(VARIANTS)
+
+        project.edit_params(add_served_variant)
+        yield Pipeline(project, server)
+
+
+@pytest.fixture(scope="module")
+def first_repro(pipeline) -> Repro:
+    return pipeline.project.repro()
+
+
+@pytest.fixture(scope="module")
+def second_repro(pipeline, first_repro) -> Repro:
+    return pipeline.project.repro()
+
+
+@pytest.fixture(scope="module")
+def verify_setting_repro(pipeline, second_repro) -> Repro:
+    pipeline.project.edit_params(lambda p: p["verify"].update(atol=2 * p["verify"]["atol"]))
+    return pipeline.project.repro()
+
+
+@pytest.fixture(scope="module")
+def one_variant_repro(pipeline, verify_setting_repro) -> Repro:
+    pipeline.project.edit_params(lambda p: p["models"][SERVED]["verify"].update(prompts=["a remote", "a blanket", "a dog"]))
+    return pipeline.project.repro()
+
+
+def test_served_variant_runs_every_stage_and_fetches_over_http(pipeline, first_repro):
+    assert first_repro.ran == stage_names(SERVED), first_repro.output
+    assert sorted(first_repro.skipped) == sorted(stage_names(VARIANT)), first_repro.output
+    # Every source came over HTTP (a fresh clone has no download cache), checked against its sha256 pin.
+    fetched = {seen.path for seen in pipeline.server.requests}
+    assert fetched == {f"/{name}" for name, _ in SERVED_FILES.values()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exported_folder_loads_and_computes_what_the_built_model_computes(pipeline, first_repro, variant):
+    from PIL import Image
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    root = pipeline.project.root
+    exported_dir, built_dir = root / "outputs" / variant / "hf", root / "outputs" / variant / "model"
+    processor = CLIPSegProcessor.from_pretrained(exported_dir)
+    exported = CLIPSegForImageSegmentation.from_pretrained(exported_dir).eval()
+    built = CLIPSegForImageSegmentation.from_pretrained(built_dir).eval()
+    prompts = pipeline.project.params()["models"][variant]["verify"]["prompts"]
+    with Image.open(root / "data" / variant / "image") as image:
+        inputs = processor(text=prompts, images=[image.convert("RGB")] * len(prompts), padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (352, 352)
+    with torch.inference_mode():
+        got, want = exported(**inputs), built(**inputs)
+    for name in ("logits", "conditional_embeddings", "pooled_output"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.logits.shape == (len(prompts), 352, 352)
+
+
+def test_second_repro_runs_no_stage(pipeline, second_repro):
+    assert second_repro.ran == [] and second_repro.restored == [], second_repro.output
+    assert sorted(second_repro.skipped) == sorted(stage_names(VARIANT) + stage_names(SERVED))
+    assert "Data and pipelines are up to date." in pipeline.project.dvc("status")
+
+
+def test_verify_setting_reruns_only_verify_outputs_and_what_quotes_its_report(verify_setting_repro):
+    # verify-outputs of every variant reruns; export too, because its model card quotes the verify report (a declared
+    # dependency that records the tolerance). Nothing upstream of verify-outputs reruns.
+    rerun = ("verify-outputs", "export")
+    assert sorted(verify_setting_repro.ran) == sorted(stage_names(VARIANT, rerun) + stage_names(SERVED, rerun)), verify_setting_repro.output
+    upstream = ("download", "remap-weights", "build-model")
+    assert sorted(verify_setting_repro.skipped) == sorted(stage_names(VARIANT, upstream) + stage_names(SERVED, upstream))
+
+
+def test_one_variants_setting_leaves_the_other_variants_stages_untouched(pipeline, one_variant_repro):
+    assert one_variant_repro.ran == stage_names(SERVED, ("verify-outputs", "export")), one_variant_repro.output
+    assert set(stage_names(VARIANT)) <= set(one_variant_repro.skipped)
+    masks = sorted(p.name for p in (pipeline.project.root / "outputs" / SERVED / "verify" / "masks").iterdir())
+    assert len(masks) == 3 and "dog" in masks[-1], masks
+
+
+def test_the_lock_records_the_last_run(pipeline, one_variant_repro):
+    assert "Data and pipelines are up to date." in pipeline.project.dvc("status")
+
+
+def test_reruns_over_hardlinked_outputs_leave_the_cache_intact(pipeline, one_variant_repro):
+    cache = pipeline.project.root / ".dvc" / "cache" / "files" / "md5"
+    objects = [p for p in cache.rglob("*") if p.is_file()]
+    # An object is named by the md5 of its bytes (directory listings too, with a .dir suffix).
+    corrupted = [p for p in objects if hashlib.md5(p.read_bytes()).hexdigest() != p.parent.name + p.name.removesuffix(".dir")]
+    assert objects and not corrupted
+    for variant in VARIANTS:
+        assert (pipeline.project.root / "outputs" / variant / "model" / "model.safetensors").stat().st_nlink >= 2
