@@ -1,0 +1,66 @@
+"""build-model: strict accounting of the remapped tensors against the meta-constructed model, and what it writes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPSegForImageSegmentation
+
+from stages import build_model, remap_weights, synthetic
+from stages.tensor_io import TensorFile, write_safetensors
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+VARIANT = "clipseg-tiny"
+
+
+@pytest.fixture(scope="module")
+def remapped() -> dict[str, torch.Tensor]:
+    arch = synthetic.preset_arch("tiny")
+    original = synthetic.clip_state_dict(arch, seed=0) | synthetic.decoder_state_dict(arch, seed=0)
+    target, _ = remap_weights.remap(original)
+    return target
+
+
+def run(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, Path]:
+    write_safetensors(tmp_path / "remapped.safetensors", tensors)
+    out = tmp_path / "model"
+    code = build_model.main([
+        "--params", str(PARAMS), "--variant", VARIANT, "--remapped", str(tmp_path / "remapped.safetensors"),
+        "--out", str(out), "--report", str(tmp_path / "build.json"),
+    ])
+    return code, out
+
+
+def test_builds_a_float32_model_that_loads_with_exactly_the_remapped_values(remapped, tmp_path):
+    code, out = run(tmp_path, remapped)
+    assert code == 0
+    model = CLIPSegForImageSegmentation.from_pretrained(out)
+    state = model.state_dict()
+    assert sorted(state) == sorted(remapped)
+    for name, tensor in remapped.items():
+        assert state[name].dtype == torch.float32
+        assert torch.equal(state[name], tensor.float()), name
+    assert TensorFile(out / "model.safetensors").metadata["format"] == "pt"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.pop("decoder.film_mul.bias"), r"missing \['decoder\.film_mul\.bias'\]"),
+        (lambda t: t.update({"decoder.extra.weight": torch.zeros(2)}), r"unexpected \['decoder\.extra\.weight'\]"),
+        (lambda t: t.update({"clip.logit_scale": torch.zeros(2)}), r"wrong shapes \['clip\.logit_scale: model wants \[\], got \[2\]'\]"),
+    ],
+    ids=["missing", "unexpected", "wrong-shape"],
+)
+def test_tensors_that_do_not_fit_the_model_are_named_and_nothing_is_written(remapped, tmp_path, capsys, change, message):
+    tensors = dict(remapped)
+    change(tensors)
+    code, out = run(tmp_path, tensors)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "build-model clipseg-tiny: error: the remapped tensors do not fit CLIPSegForImageSegmentation" in err
+    assert re.search(message, err), err
+    assert not (out / "model.safetensors").exists()
