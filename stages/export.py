@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         params = params_mod.load(args.params)
+        torch.set_num_threads(params.verify.threads)  # the float16/bfloat16 check runs the model
         model = params.model(args.variant)
         download_report = read_report(args.download_report, "download")
         verify_report = read_report(args.verify_report, "verify-outputs")

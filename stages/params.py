@@ -77,6 +77,7 @@ class Processor:
 class Verify:
     atol: float  # the outputs' bound (float32)
     rtol: float  # intermediates may differ by atol + rtol * their scale
+    threads: int  # torch's thread count for the forward passes: fixed, so their last bits do not follow the core count
 
 
 @dataclass(frozen=True)
@@ -315,9 +316,10 @@ def parse(data: Any) -> Params:
     _at_least(proc["image_size"], 1, "processor.image_size")
     _numbers(proc["image_mean"], "processor.image_mean", 3)
     _std(proc["image_std"], "processor.image_std")
-    ver = _section(top["verify"], "verify", {"atol": float, "rtol": float})
+    ver = _section(top["verify"], "verify", {"atol": float, "rtol": float, "threads": int})
     _at_least(ver["atol"], 0, "verify.atol")
     _at_least(ver["rtol"], 0, "verify.rtol")
+    _at_least(ver["threads"], 1, "verify.threads")
     exp = _section(top["export"], "export", {"atol": dict})
     _section(exp["atol"], "export.atol", dict.fromkeys(DTYPES, float))
     for dtype in DTYPES:
@@ -344,7 +346,7 @@ def parse(data: Any) -> Params:
         processor=Processor(
             image_size=proc["image_size"], image_mean=tuple(proc["image_mean"]), image_std=tuple(proc["image_std"])
         ),
-        verify=Verify(atol=float(ver["atol"]), rtol=float(ver["rtol"])),
+        verify=Verify(atol=float(ver["atol"]), rtol=float(ver["rtol"]), threads=ver["threads"]),
         export_atol={k: float(v) for k, v in exp["atol"].items()},
         models=models,
     )

@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-
         params = params_mod.load(args.params)
+        torch.set_num_threads(params.verify.threads)
         model_params = params.model(args.variant)
         image = load_image(args.original / "image")
         tok = tokenizer(args.original)
