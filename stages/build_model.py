@@ -7,6 +7,7 @@ then streamed into model.safetensors in the model's working precision, one at a 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.report, {
             "stage": STAGE,
             "variant": args.variant,
-            "parameters": sum(spec.nbytes // spec.dtype.itemsize for spec in tensors.specs.values()),
+            "parameters": sum(math.prod(spec.shape) for spec in tensors.specs.values()),
             "tensors": len(tensors),
             "dtype": str(BUILD_DTYPE).removeprefix("torch."),
         })

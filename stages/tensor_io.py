@@ -233,9 +233,6 @@ class TensorFile(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.specs[name].shape
-
 
 def _verify_written(path: Path, specs: Mapping[str, Spec], checksums: Mapping[str, int]) -> None:
     """Re-open a written file with the safetensors library's own parser and compare every tensor's dtype, shape and
@@ -275,7 +272,7 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def round_figure(value: float, digits: int = 3) -> float:
-    """Round to `digits` significant digits, so figures that differ in their last bits across CPUs record the same."""
+    """Round to `digits` significant digits: a figure recorded for reading, not for its last bits."""
     if value == 0 or value != value or value in (float("inf"), float("-inf")):
         return value
     return float(f"{value:.{digits - 1}e}")
