@@ -11,7 +11,6 @@ The same inputs give the same bytes.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,8 +23,8 @@ from .hf_model import check_state_dict, meta_model
 from . import params as params_mod
 from .errors import PipelineError, exit_now, run_stage
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
-from .tensor_io import LazyTensors, Spec, TensorFile, spec_of, atomic_output, round_figure, sha256_file, write_json, write_safetensors
-from .verify_outputs import FIGURE_DIGITS, OUTPUTS, hf_outputs, recorded_figure
+from .tensor_io import LazyTensors, Spec, TensorFile, spec_of, atomic_output, sha256_file, write_json, write_safetensors
+from .verify_outputs import OUTPUTS, hf_outputs, print_figures, recorded
 
 STAGE = "export"
 MANIFEST = "manifest.json"
@@ -134,7 +133,7 @@ def check_loadable(out: Path) -> None:
 
 def check_outputs(out: Path, reference: TensorFile, atol: float) -> dict:
     """A float16/bfloat16 export, loaded as a user would and fed verify-outputs' inputs, gives the reference outputs
-    within `atol` (the dtype's own error)."""
+    within `atol` (the dtype's own error); returns {output: {"max_abs_diff": exact figure, "passed": True}}."""
     model = CLIPSegForImageSegmentation.from_pretrained(out).eval()
     dtype = next(model.parameters()).dtype
     got = hf_outputs(model, reference["pixel_values"].to(dtype), reference["input_ids"], reference["attention_mask"])
@@ -153,26 +152,17 @@ def check_outputs(out: Path, reference: TensorFile, atol: float) -> dict:
 
 
 def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype: str, atol: float, verify_report: Mapping) -> dict:
-    """Load the folder as a user would and hold it to what verify-outputs checked; the outputs' differences from the
-    reference, as {output: {max_abs_diff, passed}} (for float32: verify-outputs' own, the weights being identical)."""
+    """Load the folder as a user would and hold it to what verify-outputs checked; per output, the comparison with the
+    reference as the report records it (see verify_outputs.recorded): for float32, verify-outputs' own, the weights
+    being identical; for float16/bfloat16, this folder's forward pass (its exact figures go to stderr)."""
     reference = TensorFile(reference_file)
     check_tokenizer(out, reference, prompts)
-    if dtype != "float32":
-        return check_outputs(out, reference, atol)
-    check_loadable(out)
-    return {name: {"max_abs_diff": verify_report["outputs"][name]["max_abs_diff"], "passed": verify_report["outputs"][name]["passed"], "same_weights": True} for name in OUTPUTS}
-
-
-def recorded_diff(diff: float, passed: bool, dtype: str) -> float | None:
-    """A difference as the report and the model card record it, the same on every CPU.
-
-    In float32 it is rounding noise whose last bits change with the CPU: recorded as verify-outputs records it, a
-    power-of-ten bound. In float16 or bfloat16 it is the dtype's own error, much larger than that noise: recorded to
-    a few significant digits, so it can be read against the dtype's tolerance.
-    """
-    if dtype == "float32" or not math.isfinite(diff):
-        return recorded_figure(diff, passed)
-    return round_figure(diff, FIGURE_DIGITS)
+    if dtype == "float32":
+        check_loadable(out)
+        return {name: {**verify_report["outputs"][name], "checked_by": "verify-outputs (the same float32 weights)"} for name in OUTPUTS}
+    results = check_outputs(out, reference, atol)
+    print_figures(STAGE, {f"{name} ({dtype})": (r["max_abs_diff"], atol) for name, r in results.items()})
+    return {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": f"a {dtype} forward pass of this folder"} for name, r in results.items()}
 
 
 def read_report(path: Path, stage: str) -> dict:
@@ -214,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             write_json(staging / "tokenizer_config.json", tokenizer_config())
             write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS)
             results = check_export(staging, args.reference, model.prompts, model.dtype, atol, verify_report)
-            diffs = {name: recorded_diff(r["max_abs_diff"], r["passed"], model.dtype) for name, r in results.items()}
             card = model_card.render(model_card.CardInputs(
                 variant=args.variant,
                 dtype=model.dtype,
@@ -226,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 sources=model_card.source_rows(model.sources, download_report),
                 verify=verify_report,
                 export_atol=atol,
-                export_diffs=diffs,
+                export_outputs=results,
                 transformers_version=config.get("transformers_version", "(unknown)"),
                 project_version=model_card.project_version(),
             ))
@@ -242,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "variant": args.variant,
             "dtype": model.dtype,
             "tolerance_atol": atol,
-            "outputs": {n: {"max_abs_diff": diffs[n], "passed": r["passed"]} for n, r in results.items()},
+            "outputs": results,
             "files": len(manifest["files"]),
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
         })

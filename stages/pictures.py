@@ -2,7 +2,8 @@
 a legend, and a contact sheet of several such overlays.
 
 Pixels are computed in float and quantised once to 8 bits, and PNGs are written without timestamps, so the same
-prediction always gives the same bytes.
+prediction always gives the same bytes. verify-outputs' pictures are computed in float64: float32's last bits differ
+between CPUs and now and then move a pixel across an 8-bit step; float64's are far too fine to.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ SHEET_MAX_COLUMNS = 4
 SHEET_GAP = 4
 
 
-def probabilities(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Sigmoid of [P, h, w] logits, resized to the image's (width, height) -> [P, height, width] in [0, 1]."""
+def probabilities(logits: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sigmoid of [P, h, w] logits, resized to the image's (width, height) -> [P, height, width] in [0, 1], computed
+    in `dtype` (float64 for pictures whose bytes must not depend on the CPU)."""
     width, height = size
-    resized = torch.nn.functional.interpolate(logits[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    resized = torch.nn.functional.interpolate(logits[:, None].to(dtype), size=(height, width), mode="bilinear", align_corners=False)
     return torch.sigmoid(resized[:, 0])
 
 
@@ -45,12 +47,13 @@ def mask_picture(probability: torch.Tensor):
 
 
 def overlay(image, probability: torch.Tensor, legend: str):
-    """The image darkened where the mask is low, tinted red where it is high, with a legend strip underneath."""
+    """The image darkened where the mask is low, tinted red where it is high, with a legend strip underneath; computed
+    in the probability's dtype."""
     from PIL import Image, ImageDraw
 
-    rgb = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)) / 255.0
+    rgb = torch.from_numpy(np.array(image.convert("RGB"))).to(probability.dtype) / 255.0
     p = probability[..., None]
-    red = torch.tensor([1.0, 0.1, 0.1])
+    red = torch.tensor([1.0, 0.1, 0.1], dtype=probability.dtype)
     mixed = rgb * (1 - OVERLAY_ALPHA * p) + red * (OVERLAY_ALPHA * p)
     picture = Image.new("RGB", (image.width, image.height + LEGEND_HEIGHT), "white")
     picture.paste(Image.fromarray(quantise(mixed), "RGB"), (0, 0))
@@ -100,8 +103,8 @@ def save_png(picture, path: Path) -> None:
 
 
 def write_mask_pictures(image, logits: torch.Tensor, prompts: Sequence[str], directory: Path) -> list[Path]:
-    """One overlay PNG per prompt, named by its position and text."""
-    probs = probabilities(logits, image.size)
+    """One overlay PNG per prompt, named by its position and text; computed in float64 (the same bytes on every CPU)."""
+    probs = probabilities(logits, image.size, torch.float64)
     paths = []
     for index, (prompt, probability) in enumerate(zip(prompts, probs, strict=True)):
         path = Path(directory) / f"{prompt_stem(index, prompt)}.png"

@@ -5,16 +5,17 @@ Input: a mapping of the original tensors under their original names (OpenAI CLIP
 decoder keys such as `film_mul.weight`, `reduces.0.weight`, `blocks.1.self_attn.in_proj_weight`,
 `trans_conv.weight` / `trans_conv.{0,2,4}.weight`), the architecture mapping (`arch` in params.yaml),
 normalized pixel values and token ids.
-Output: dicts of float32 activations (`vision.block{k}`, `text.block{k}`, `decoder.step{i}`, ...) and
-the logits [P, H_out, W_out]. Each block's parts are recorded too (`vision.block3.attention`, ...), and
+Output: dicts of activations in the working dtype (`vision.block{k}`, `text.block{k}`, `decoder.step{i}`,
+...) and the logits [P, H_out, W_out]. Each block's parts are recorded too (`vision.block3.attention`, ...), and
 every dict lists its entries in the order the forward pass computes them, a part before its block:
 the vision tower, the pooled output, the text tower, the conditional embeddings, the decoder steps,
 the logits. The first entry where a converted model disagrees is therefore where its fault starts.
 
 Written from shared/ORIGINAL_FORMAT.md with plain torch and nothing from transformers, so that it
-can prove a conversion to the Hugging Face layout correct. Every tensor is cast to float32 when
-used, whatever its stored dtype (the CLIP file mixes fp16 and fp32). The arch mapping is trusted
-(it is validated where params are read); the tensors are checked against it.
+can prove a conversion to the Hugging Face layout correct. Every tensor is cast to the working dtype
+(`dtype`: float32 by default, float64 for verify-outputs) when used, whatever its stored dtype (the
+CLIP file mixes fp16 and fp32). The arch mapping is trusted (it is validated where params are read);
+the tensors are checked against it.
 
 Layout: the original runs its transformers sequence-first ([T, B, W]); here everything is
 batch-first ([B, T, W]). Attention, LayerNorm and the MLPs act per sample, so the two are the same
@@ -32,25 +33,35 @@ LAYER_NORM_EPS = 1e-5  # OpenAI CLIP's LayerNorm and nn.TransformerEncoderLayer'
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP's activation: x * sigmoid(1.702 x)
 
 
-def _tensor(tensors: Mapping[str, Tensor], key: str, shape: Sequence[int]) -> Tensor:
-    """The tensor under `key` as float32, after checking it exists with the shape `arch` implies."""
-    if key not in tensors:
+class _Weights:
+    """The original tensors, each cast to the reference's working dtype when it is used (never all at once)."""
+
+    def __init__(self, tensors: "Mapping[str, Tensor] | _Weights", dtype: torch.dtype):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"reference: dtype must be torch.float32 or torch.float64, found {dtype}")
+        self.tensors = tensors.tensors if isinstance(tensors, _Weights) else tensors
+        self.dtype = dtype
+
+
+def _tensor(weights: _Weights, key: str, shape: Sequence[int]) -> Tensor:
+    """The tensor under `key` in the working dtype, after checking it exists with the shape `arch` implies."""
+    if key not in weights.tensors:
         raise ValueError(
             f"reference: tensor '{key}' is missing (expected shape {list(shape)}); "
             "pass the original CLIP and decoder tensors under their original key names"
         )
-    found = list(tensors[key].shape)
+    found = list(weights.tensors[key].shape)
     if found != list(shape):
         raise ValueError(
             f"reference: tensor '{key}' has shape {found}, expected {list(shape)} from arch; "
             "check that the arch parameters match the checkpoint variant"
         )
-    return tensors[key].float()
+    return weights.tensors[key].to(weights.dtype)
 
 
-def _group(tensors: Mapping[str, Tensor], prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+def _group(weights: _Weights, prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
     """Tensors `prefix + suffix` for every suffix in `shapes`, keyed by suffix."""
-    return {suffix: _tensor(tensors, prefix + suffix, shape) for suffix, shape in shapes.items()}
+    return {suffix: _tensor(weights, prefix + suffix, shape) for suffix, shape in shapes.items()}
 
 
 def _clip_block_shapes(width: int, intermediate: int) -> dict[str, tuple[int, ...]]:
@@ -136,7 +147,7 @@ def _run_block(out: dict[str, Tensor], name: str, block, x: Tensor, *args) -> Te
     return x
 
 
-def _positional_embedding(tensors: Mapping[str, Tensor], arch: Mapping, grid: tuple[int, int]) -> Tensor:
+def _positional_embedding(tensors: _Weights, arch: Mapping, grid: tuple[int, int]) -> Tensor:
     """Vision positional embedding [1 + gh*gw, W]; the patch rows are resized bicubically to `grid`."""
     vision = arch["vision"]
     width, stored_side = vision["hidden_size"], vision["image_size"] // vision["patch_size"]
@@ -149,18 +160,20 @@ def _positional_embedding(tensors: Mapping[str, Tensor], arch: Mapping, grid: tu
     return torch.cat([pos[:1], patches.reshape(width, grid[0] * grid[1]).T])
 
 
-def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor) -> dict[str, Tensor]:
+def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Normalized pixels [B, 3, H, W] -> {"vision.embeddings", "vision.pre_norm", "vision.block{k}[.part]": [B, T, W],
     "vision.post_norm": [B, W], "pooled_output": [B, proj]}.
 
     T = 1 + (H // patch) * (W // patch): the class token first, then the patches row by row.
     """
+    tensors = _Weights(tensors, dtype)
     vision = arch["vision"]
     width, patch, heads = vision["hidden_size"], vision["patch_size"], vision["num_attention_heads"]
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"reference: pixel_values must be [B, 3, H, W], found {list(pixel_values.shape)}")
     conv = _tensor(tensors, "visual.conv1.weight", (width, 3, patch, patch))
-    x = F.conv2d(pixel_values.float(), conv, stride=patch)
+    x = F.conv2d(pixel_values.to(dtype), conv, stride=patch)
     grid = (x.shape[2], x.shape[3])
     x = x.flatten(2).transpose(1, 2)
     cls = _tensor(tensors, "visual.class_embedding", (width,)).expand(x.shape[0], 1, width)
@@ -179,9 +192,11 @@ def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Ten
     return out
 
 
-def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor) -> dict[str, Tensor]:
+def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor,
+                dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Token ids [P, L] -> {"text.embeddings", "text.block{k}[.part]", "text.final_norm": [P, L, Wt],
     "text.pooled": [P, Wt], "conditional_embeddings": [P, proj]}."""
+    tensors = _Weights(tensors, dtype)
     text = arch["text"]
     width, vocab, context = text["hidden_size"], text["vocab_size"], text["max_position_embeddings"]
     if input_ids.ndim != 2 or input_ids.shape[1] > context:
@@ -206,7 +221,7 @@ def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor)
     return out
 
 
-def _trans_conv(tensors: Mapping[str, Tensor], arch: Mapping, a: Tensor,
+def _trans_conv(tensors: _Weights, arch: Mapping, a: Tensor,
                 parts: dict[str, Tensor] | None = None) -> Tensor:
     """Decoder upsampling: [P, D, g, g] -> [P, 1, g*patch, g*patch].
 
@@ -233,7 +248,7 @@ def _trans_conv(tensors: Mapping[str, Tensor], arch: Mapping, a: Tensor,
 
 
 def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[Tensor],
-           conditional_embeddings: Tensor) -> dict[str, Tensor]:
+           conditional_embeddings: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Vision activations at extract_layers [B, T, W] + conditions [P, proj] -> {"decoder.step{i}[.part]" [P, T, D],
     "decoder.step{c}.film_mul/film_add" [P, D] (c = conditional_layer), "logits[.part]"}.
 
@@ -241,6 +256,7 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     Step i's parts: reduce (its activation through reduces[i]), film_mul and film_add at the
     conditional layer, then its block's attention, norm1, mlp, norm2.
     """
+    tensors = _Weights(tensors, dtype)
     d, steps = arch["reduce_dim"], len(arch["extract_layers"])
     width, proj = arch["vision"]["hidden_size"], arch["projection_dim"]
     prompts = conditional_embeddings.shape[0]
@@ -250,7 +266,7 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     if any(act.shape[0] not in (1, prompts) for act in activations):
         raise ValueError(f"reference: activation batch sizes {[act.shape[0] for act in activations]} "
                          f"must equal the number of prompts ({prompts}) or be 1")
-    cond = conditional_embeddings.float()
+    cond = conditional_embeddings.to(dtype)
     film_mul = _group(tensors, "film_mul.", {"weight": (d, proj), "bias": (d,)})
     film_add = _group(tensors, "film_add.", {"weight": (d, proj), "bias": (d,)})
     block_shapes = _decoder_block_shapes(d, arch["decoder_intermediate_size"])
@@ -258,7 +274,7 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     # The deepest activation enters first; a batch of 1 broadcasts against the P conditions at FiLM.
     for i, act in enumerate(reversed(activations)):
         reduce = _group(tensors, f"reduces.{i}.", {"weight": (d, width), "bias": (d,)})
-        reduced = F.linear(act.float(), reduce["weight"], reduce["bias"])
+        reduced = F.linear(act.to(dtype), reduce["weight"], reduce["bias"])
         out[f"decoder.step{i}.reduce"] = reduced.expand(prompts, -1, -1)
         a = reduced if a is None else reduced + a
         if i == arch["conditional_layer"]:
@@ -282,13 +298,14 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
 
 
 def reference_forward(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor,
-                      input_ids: Tensor) -> dict[str, Tensor]:
-    """One image [1, 3, H, W] + P prompts [P, L] -> the union of encode_image, encode_text and decode."""
+                      input_ids: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """One image [1, 3, H, W] + P prompts [P, L] -> the union of encode_image, encode_text and decode, computed in
+    `dtype` (float64 makes the reference's last float32 bits the same on every CPU, see verify-outputs)."""
     layers = arch["vision"]["num_hidden_layers"]
     if any(not 0 <= k < layers for k in arch["extract_layers"]):
         raise ValueError(f"reference: extract_layers {list(arch['extract_layers'])} "
                          f"must be block indices in [0, {layers})")
-    vision = encode_image(tensors, arch, pixel_values)
-    text = encode_text(tensors, arch, input_ids)
+    vision = encode_image(tensors, arch, pixel_values, dtype)
+    text = encode_text(tensors, arch, input_ids, dtype)
     activations = [vision[f"vision.block{k}"] for k in arch["extract_layers"]]
-    return {**vision, **text, **decode(tensors, arch, activations, text["conditional_embeddings"])}
+    return {**vision, **text, **decode(tensors, arch, activations, text["conditional_embeddings"], dtype)}

@@ -154,7 +154,7 @@ def test_plain_trans_conv_matches_conv_transpose2d():
     a = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = module(a)
-    actual = reference._trans_conv(tensors, ARCH, a)
+    actual = reference._trans_conv(reference._Weights(tensors, torch.float32), ARCH, a)
     assert actual.shape == (2, 1, 48, 48)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
@@ -168,7 +168,7 @@ def test_refined_trans_conv_matches_sequential():
     a = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = module(a)
-    actual = reference._trans_conv(tensors, REFINED_ARCH, a)
+    actual = reference._trans_conv(reference._Weights(tensors, torch.float32), REFINED_ARCH, a)
     assert actual.shape == (2, 1, 48, 48)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
@@ -196,14 +196,14 @@ def test_vision_embeddings_put_the_class_token_first_then_patches_row_by_row():
 
 def test_positional_embedding_kept_at_native_size():
     tensors = make_tensors()
-    assert torch.equal(reference._positional_embedding(tensors, ARCH, (14, 14)), tensors["visual.positional_embedding"])
+    assert torch.equal(reference._positional_embedding(reference._Weights(tensors, torch.float32), ARCH, (14, 14)), tensors["visual.positional_embedding"])
     assert reference.encode_image(tensors, ARCH, _pixels(224))["vision.block3"].shape == (1, 197, 32)
 
 
 def test_positional_embedding_resized_bicubically_at_352():
     tensors = make_tensors()
     stored = tensors["visual.positional_embedding"]
-    resized = reference._positional_embedding(tensors, ARCH, (22, 22))
+    resized = reference._positional_embedding(reference._Weights(tensors, torch.float32), ARCH, (22, 22))
     assert resized.shape == (485, 32)
     assert torch.equal(resized[0], stored[0])
     # Row r*14 + c of the stored table is grid cell (r, c); channels go first for interpolate.
@@ -218,7 +218,7 @@ def test_positional_embedding_resized_bicubically_at_352():
 def test_positional_resize_keeps_a_constant_embedding_constant():
     tensors = make_tensors()
     tensors["visual.positional_embedding"] = torch.arange(32.0).expand(197, 32).clone()
-    resized = reference._positional_embedding(tensors, ARCH, (22, 22))
+    resized = reference._positional_embedding(reference._Weights(tensors, torch.float32), ARCH, (22, 22))
     torch.testing.assert_close(resized, torch.arange(32.0).expand(485, 32))
 
 
@@ -288,6 +288,23 @@ def test_fp16_stored_tensors_compute_in_float32():
         torch.testing.assert_close(out[key], rounded[key], atol=0, rtol=0)
     exact = reference.reference_forward(tensors, ARCH, _pixels(224), PROMPTS)
     torch.testing.assert_close(out["logits"], exact["logits"], atol=2e-2, rtol=2e-2)
+
+
+def test_float64_computes_every_entry_in_float64_from_the_same_tensors():
+    mixed = _as_clip_file(make_tensors())
+    out = reference.reference_forward(mixed, ARCH, _pixels(224), PROMPTS, torch.float64)
+    assert all(v.dtype == torch.float64 for v in out.values())
+    single = reference.reference_forward(mixed, ARCH, _pixels(224), PROMPTS)
+    assert out.keys() == single.keys()
+    for key in out:  # float32 agrees to its own rounding: the same computation, only finer
+        torch.testing.assert_close(single[key], out[key].float(), atol=1e-4, rtol=1e-4)
+    # and is no copy of it: float64 keeps digits float32 cannot hold
+    assert not torch.equal(out["logits"], out["logits"].float().double())
+
+
+def test_other_working_dtypes_are_refused():
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64, found torch.float16"):
+        reference.reference_forward(make_tensors(), ARCH, _pixels(224), PROMPTS, torch.float16)
 
 
 @pytest.mark.parametrize("arch", [ARCH, REFINED_ARCH], ids=["plain", "refined"])

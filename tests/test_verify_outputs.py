@@ -182,11 +182,11 @@ def check_passed(run: Verified) -> None:
     metrics = run.metrics
     assert metrics["passed"] and metrics["intermediates_passed"] and metrics["first_divergence"] is None
     assert set(metrics["outputs"]) == set(verify_outputs.OUTPUTS)
-    for figures in metrics["outputs"].values():
-        assert figures["passed"] and figures["max_abs_diff"] <= metrics["tolerance_atol"]
-        # Recorded as a power of ten (an upper bound on rounding noise), never as CPU-dependent digits.
-        for value in (figures["max_abs_diff"], figures["max_rel_diff"]):
-            assert value >= verify_outputs.NOISE_FLOOR and math.log10(value) == round(math.log10(value))
+    for name, figures in metrics["outputs"].items():
+        # Recorded without the CPU-dependent figure; the exact one is on stderr.
+        assert figures == {"passed": True}
+        printed = re.search(rf"verify-outputs: {name}: max abs diff (\S+) \(tolerance (\S+)\)", run.stderr)
+        assert printed and float(printed[1]) <= float(printed[2]) == metrics["tolerance_atol"], run.stderr
 
 
 @pytest.fixture(scope="module")
@@ -399,19 +399,11 @@ def test_eos_token_id_of_the_real_end_token_pools_at_the_same_position_and_passe
 # ---- pieces --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, bound", [
-    (0.0, 1e-6), (3e-7, 1e-6), (1e-6, 1e-6), (1.4e-6, 1e-5), (7.2e-6, 1e-5), (1e-5, 1e-5), (1.000001e-5, 1e-4),
-    (9.99e-5, 1e-4), (0.3, 1.0), (2.5, 10.0),
-])  # fmt: skip
-def test_figure_bound_is_the_power_of_ten_at_or_above(value, bound):
-    assert verify_outputs.figure_bound(value) == bound
-    assert verify_outputs.figure_bound(value) >= value
-
-
-def test_recorded_figure_bounds_noise_and_keeps_real_differences():
-    assert verify_outputs.recorded_figure(7.2e-6, passed=True) == 1e-5
-    assert verify_outputs.recorded_figure(0.83124, passed=False) == 0.83
-    assert verify_outputs.recorded_figure(math.inf, passed=False) is None
+def test_recorded_drops_noise_and_keeps_real_differences():
+    assert verify_outputs.recorded(7.2e-6, 1.3e-7, passed=True) == {"passed": True}
+    assert verify_outputs.recorded(0.83124, 0.0123456, passed=False) == {"max_abs_diff": 0.83, "max_rel_diff": 0.012, "passed": False}
+    assert verify_outputs.recorded(math.inf, math.inf, passed=False) == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
+    assert verify_outputs.recorded(2.5e-3, None, passed=False) == {"max_abs_diff": 0.0025, "passed": False}
 
 
 def test_relative_difference_is_taken_against_the_entry_scale():
