@@ -22,6 +22,12 @@ STAGE = "build-model"
 BUILD_DTYPE = torch.float32
 
 
+def weights_metadata(variant: str, dtype: torch.dtype, source_sha256: str) -> dict[str, str]:
+    """model.safetensors' metadata, as build-model and export write it: `format: pt` for transformers, the variant,
+    the dtype and the sha256 of the original files the weights come from."""
+    return {"format": "pt", "variant": variant, "dtype": str(dtype).removeprefix("torch."), "source_sha256": source_sha256}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--remapped", type=Path, required=True, help="remap-weights' safetensors file")
@@ -38,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             {name: Spec(BUILD_DTYPE, spec.shape) for name, spec in source.specs.items()},
             lambda name: source[name].to(BUILD_DTYPE),
         )
-        metadata = {"format": "pt", "stage": STAGE, "variant": args.variant, "source_sha256": source.metadata.get("source_sha256", "")}
+        # The metadata an export in this dtype carries too, so that export can pass this very file on (export.py).
+        metadata = weights_metadata(args.variant, BUILD_DTYPE, source.metadata.get("source_sha256", ""))
         write_safetensors(args.out / "model.safetensors", tensors, metadata)
         with atomic_output(args.out / "config.json", "w") as handle:
             handle.write(config.to_json_string(use_diff=False))

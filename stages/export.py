@@ -23,7 +23,8 @@ from .hf_model import check_state_dict, meta_model
 from . import params as params_mod
 from .errors import PipelineError, exit_now, run_stage
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
-from .tensor_io import LazyTensors, Spec, TensorFile, spec_of, atomic_output, sha256_file, write_json, write_safetensors
+from .build_model import weights_metadata
+from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
 from .verify_outputs import OUTPUTS, hf_outputs, print_figures, recorded
 
 STAGE = "export"
@@ -94,9 +95,18 @@ def export_config(config: Mapping, dtype: str) -> dict:
 
 
 def write_weights(model_dir: Path, out: Path, dtype: str, variant: str) -> dict:
-    """model.safetensors and config.json in `dtype`; returns the config written."""
-    source = TensorFile(model_dir / "model.safetensors")
-    write_safetensors(out / "model.safetensors", cast_tensors(source, dtype), {"format": "pt", "stage": STAGE, "variant": variant, "dtype": dtype})
+    """model.safetensors and config.json in `dtype`; returns the config written.
+
+    When the built file already is what this export would write (float32, this variant's metadata), it is passed on
+    as it is, hard-linked where the filesystem allows: the same bytes, without writing or hashing 600 MB again.
+    """
+    source_path = model_dir / "model.safetensors"
+    source = TensorFile(source_path)
+    metadata = weights_metadata(variant, getattr(torch, dtype), source.metadata.get("source_sha256", ""))
+    if source.metadata == metadata and all(spec.dtype == getattr(torch, dtype) for spec in source.specs.values()):
+        link_or_copy(source_path, out / "model.safetensors")
+    else:
+        write_safetensors(out / "model.safetensors", cast_tensors(source, dtype), metadata)
     config = export_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), dtype)
     write_json(out / "config.json", config)
     return config
@@ -124,8 +134,8 @@ def check_tokenizer(out: Path, reference: TensorFile, prompts: Sequence[str]) ->
 def check_loadable(out: Path) -> None:
     """config.json builds a model whose state dict is exactly model.safetensors' tensors, as from_pretrained needs.
 
-    A float32 export is a tensor-for-tensor copy of the verified model (write_safetensors re-reads every tensor it
-    writes), so verify-outputs' figures are this folder's: checking that it loads needs no second forward pass.
+    A float32 export holds the verified model's very bytes (write_weights), so verify-outputs' comparison is this
+    folder's: checking that it loads needs no second forward pass.
     """
     exported = TensorFile(out / "model.safetensors")
     check_state_dict(meta_model(CLIPSegConfig.from_pretrained(out)), {name: spec.shape for name, spec in exported.specs.items()})

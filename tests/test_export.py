@@ -104,6 +104,46 @@ def test_export_report_records_dtype_tolerance_and_diffs(tiny_pipeline):  # noqa
     assert report["files"] == len(EXPORT_FILES) - 1
 
 
+def test_float32_export_passes_the_built_file_on_as_a_hard_link(tiny_pipeline):  # noqa: F811
+    built, exported = tiny_pipeline.model / "model.safetensors", tiny_pipeline.export / "model.safetensors"
+    assert os.stat(exported).st_ino == os.stat(built).st_ino  # no bytes written, none for DVC to hash again
+    assert TensorFile(exported).metadata == {"format": "pt", "variant": VARIANT, "dtype": "float32",
+                                             "source_sha256": TensorFile(built).metadata["source_sha256"]}
+    manifest = json.loads((tiny_pipeline.export / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(built)
+
+
+def test_without_hard_links_the_built_file_is_copied(tiny_pipeline, tmp_path, monkeypatch):  # noqa: F811
+    def no_links(source, target):
+        raise OSError(18, "Invalid cross-device link")  # EXDEV: the output lies on another filesystem
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "hf"
+    assert export.main(tiny_pipeline.export_argv(out, tmp_path / "export.json")) == 0
+    built = tiny_pipeline.model / "model.safetensors"
+    assert os.stat(out / "model.safetensors").st_ino != os.stat(built).st_ino
+    assert (out / "model.safetensors").read_bytes() == built.read_bytes()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_built_file_with_other_metadata_is_written_anew(tiny_pipeline, tmp_path):  # noqa: F811
+    # Exported under another variant name: the built file's metadata does not fit, so the tensors are written out.
+    params = write_params(tmp_path / "params.yaml")
+    argv = tiny_pipeline.export_argv(tmp_path / "hf", tmp_path / "export.json", params)
+    other = TensorFile(tiny_pipeline.model / "model.safetensors")
+    model = tmp_path / "model"
+    model.mkdir()
+    from stages.tensor_io import write_safetensors
+
+    write_safetensors(model / "model.safetensors", {name: other[name] for name in other}, {"format": "pt", "variant": "elsewhere"})
+    (model / "config.json").write_bytes((tiny_pipeline.model / "config.json").read_bytes())
+    argv[argv.index("--model") + 1] = str(model)
+    assert export.main(argv) == 0
+    written = TensorFile(tmp_path / "hf" / "model.safetensors")
+    assert written.metadata["variant"] == VARIANT and os.stat(written.path).st_ino != os.stat(other.path).st_ino
+    assert all(torch.equal(written[name], other[name]) for name in other)
+
+
 def test_two_exports_of_the_same_inputs_are_byte_identical(tiny_pipeline, tmp_path):  # noqa: F811
     # A different output folder too: nothing in the export may depend on where it was written.
     out = tmp_path / "elsewhere" / "hf"
