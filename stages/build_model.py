@@ -1,8 +1,10 @@
 """build-model: remapped tensors -> a CLIPSegForImageSegmentation checkpoint (model.safetensors + config.json).
 
-The model is constructed on the meta device (no memory, no random initialisation) from the variant's config and the
-remapped file is held to its state dict: a missing, unexpected or misshapen tensor stops the stage. The tensors are
-then streamed into model.safetensors in the model's working precision, one at a time.
+The remapped file is held to the state dict of the model the variant's config describes: a missing, unexpected or
+misshapen tensor stops the stage. The tensors are then streamed into model.safetensors in the model's working
+precision, one at a time, and config.json is written. Both the state dict's layout and config.json come from
+stages.hf_layout, which tests hold to transformers' own, so this stage need not import transformers (seconds of
+start-up); verify-outputs then loads the folder with transformers, as a user would.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 
 from . import params as params_mod
 from .errors import exit_now, run_stage
-from .hf_model import check_state_dict, config_from_architecture, meta_model
-from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, write_json, write_safetensors
+from .hf_layout import check_shapes, config_dict, state_dict_shapes
+from .tensor_io import LazyTensors, Spec, TensorFile, write_json, write_safetensors
 
 STAGE = "build-model"
 # The working precision of the converted model; export may store it in another dtype.
@@ -38,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         model_params = params_mod.load(args.params).model(args.variant)
         source = TensorFile(args.remapped)
-        config = config_from_architecture(model_params.architecture)
-        check_state_dict(meta_model(config), {name: spec.shape for name, spec in source.specs.items()})
+        check_shapes(state_dict_shapes(model_params.architecture), {name: spec.shape for name, spec in source.specs.items()})
         tensors = LazyTensors(
             {name: Spec(BUILD_DTYPE, spec.shape) for name, spec in source.specs.items()},
             lambda name: source[name].to(BUILD_DTYPE),
@@ -47,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         # The metadata an export in this dtype carries too, so that export can pass this very file on (export.py).
         metadata = weights_metadata(args.variant, BUILD_DTYPE, source.metadata.get("source_sha256", ""))
         write_safetensors(args.out / "model.safetensors", tensors, metadata)
-        with atomic_output(args.out / "config.json", "w") as handle:
-            handle.write(config.to_json_string(use_diff=False))
+        write_json(args.out / "config.json", config_dict(model_params.architecture))
         write_json(args.report, {
             "stage": STAGE,
             "variant": args.variant,
