@@ -43,8 +43,9 @@ class _Weights:
         self.dtype = dtype
 
 
-def _tensor(weights: _Weights, key: str, shape: Sequence[int]) -> Tensor:
-    """The tensor under `key` in the working dtype, after checking it exists with the shape `arch` implies."""
+def _tensor(weights: _Weights, key: str, shape: Sequence[int], cast: bool = True) -> Tensor:
+    """The tensor under `key` in the working dtype (as stored if not `cast`), after checking it exists with the shape
+    `arch` implies."""
     if key not in weights.tensors:
         raise ValueError(
             f"reference: tensor '{key}' is missing (expected shape {list(shape)}); "
@@ -56,7 +57,7 @@ def _tensor(weights: _Weights, key: str, shape: Sequence[int]) -> Tensor:
             f"reference: tensor '{key}' has shape {found}, expected {list(shape)} from arch; "
             "check that the arch parameters match the checkpoint variant"
         )
-    return weights.tensors[key].to(weights.dtype)
+    return weights.tensors[key].to(weights.dtype) if cast else weights.tensors[key]
 
 
 def _group(weights: _Weights, prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
@@ -205,7 +206,8 @@ def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor,
         raise ValueError(f"reference: input_ids must lie in [0, {vocab}), found "
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     ids = input_ids.long()
-    x = F.embedding(ids, _tensor(tensors, "token_embedding.weight", (vocab, width)))
+    # Only the prompts' rows are cast (a lookup is exact in any dtype): the whole table would be 200 MB in float64.
+    x = F.embedding(ids, _tensor(tensors, "token_embedding.weight", (vocab, width), cast=False)).to(dtype)
     x = x + _tensor(tensors, "positional_embedding", (context, width))[: ids.shape[1]]
     out, heads = {"text.embeddings": x}, text["num_attention_heads"]
     shapes = _clip_block_shapes(width, text["intermediate_size"])
