@@ -16,14 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers import CLIPSegConfig, CLIPSegProcessor
 
 from . import model_card
-from .hf_model import check_state_dict, meta_model
 from . import params as params_mod
-from .errors import PipelineError, exit_now, run_stage
-from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
 from .build_model import weights_metadata
+from .errors import PipelineError, exit_now, run_stage
+from .hf_layout import architecture_of, check_shapes, state_dict_shapes
+from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
 from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
 from .verify_outputs import OUTPUTS, hf_outputs, print_figures, recorded
 
@@ -132,18 +132,23 @@ def check_tokenizer(out: Path, reference: TensorFile, prompts: Sequence[str]) ->
 
 
 def check_loadable(out: Path) -> None:
-    """config.json builds a model whose state dict is exactly model.safetensors' tensors, as from_pretrained needs.
+    """config.json, parsed by transformers, describes a model whose state dict is exactly model.safetensors' tensors,
+    as from_pretrained needs. The state dict's layout comes from hf_layout (which tests hold to transformers' model), so
+    a float32 export need not import transformers' modelling code: seconds of start-up.
 
     A float32 export holds the verified model's very bytes (write_weights), so verify-outputs' comparison is this
     folder's: checking that it loads needs no second forward pass.
     """
     exported = TensorFile(out / "model.safetensors")
-    check_state_dict(meta_model(CLIPSegConfig.from_pretrained(out)), {name: spec.shape for name, spec in exported.specs.items()})
+    config = CLIPSegConfig.from_pretrained(out)
+    check_shapes(state_dict_shapes(architecture_of(config.to_dict())), {name: spec.shape for name, spec in exported.specs.items()})
 
 
 def check_outputs(out: Path, reference: TensorFile, atol: float) -> dict:
     """A float16/bfloat16 export, loaded as a user would and fed verify-outputs' inputs, gives the reference outputs
     within `atol` (the dtype's own error); returns {output: {"max_abs_diff": exact figure, "passed": True}}."""
+    from transformers import CLIPSegForImageSegmentation  # only float16/bfloat16 exports run the model
+
     model = CLIPSegForImageSegmentation.from_pretrained(out).eval()
     dtype = next(model.parameters()).dtype
     got = hf_outputs(model, reference["pixel_values"].to(dtype), reference["input_ids"], reference["attention_mask"])

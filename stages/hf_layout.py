@@ -57,6 +57,22 @@ def config_dict(arch: Mapping) -> dict:
     return config
 
 
+ARCH_FIELDS = {
+    "vision": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size"),
+    "text": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings"),
+    None: ("projection_dim", "extract_layers", "reduce_dim", "decoder_num_attention_heads", "decoder_intermediate_size",
+           "conditional_layer", "use_complex_transposed_convolution"),
+}
+
+
+def architecture_of(config: Mapping) -> dict:
+    """The architecture (params.yaml's form) a config describes: a config.json's content or CLIPSegConfig.to_dict()."""
+    arch = {tower: {key: config[f"{tower}_config"][key] for key in keys} for tower, keys in ARCH_FIELDS.items() if tower}
+    arch |= {key: config[key] for key in ARCH_FIELDS[None]}
+    arch["extract_layers"] = list(arch["extract_layers"])
+    return arch
+
+
 def _attention(prefix: str, width: int) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):

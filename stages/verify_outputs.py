@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPSegForImageSegmentation
 
 from . import params as params_mod
 from .errors import PipelineError, exit_now, run_stage
@@ -327,6 +326,10 @@ def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: 
 def load_model(directory: Path):
     """The converted model, refusing a folder whose weights do not fit its config.json: from_pretrained would fill
     missing or misshapen weights with random values and drop unexpected ones, with only a warning."""
+    # Imported here, not at the top: export uses this module's comparison helpers without loading a float32 model, and
+    # transformers' modelling code costs seconds of start-up.
+    from transformers import CLIPSegForImageSegmentation
+
     try:
         # Misshapen weights are let through here only to be listed with every other mismatch below.
         model, info = CLIPSegForImageSegmentation.from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True)

@@ -62,3 +62,9 @@ def test_a_misfit_names_every_problem():
     with pytest.raises(hf_layout.BuildError, match=r"missing \['decoder\.film_add\.bias'\]; unexpected \['decoder\.extra'\]; "
                                                    r"wrong shapes \['clip\.logit_scale: model wants \[\], got \[1\]'\]"):
         hf_layout.check_shapes(hf_layout.state_dict_shapes(arch), shapes)
+
+
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+def test_a_config_gives_back_its_architecture(arch):
+    assert hf_layout.architecture_of(hf_layout.config_dict(arch)) == arch
+    assert hf_layout.architecture_of(config_from_architecture(arch).to_dict()) == arch
