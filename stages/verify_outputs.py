@@ -352,6 +352,9 @@ def load_model(directory: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # This stage loads the model: its modelling code is imported with the rest of the start-up, not inside the work.
+    from transformers import CLIPSegForImageSegmentation  # noqa: F401
+
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory")
     parser.add_argument("--original", type=Path, required=True, help="download's folder (original.safetensors, tokenizer, image)")
