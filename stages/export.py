@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             "variant": args.variant,
             "dtype": model.dtype,
             "tolerance_atol": atol,
+            "note": (
+                "outputs: each output against verify-outputs' float64 reference, recorded as passed without its figure "
+                "(its last bits change with the CPU, and this file must not); a float32 export is the verified weights "
+                "themselves, a float16 or bfloat16 one was run, and export printed its figures on stderr"
+            ),
             "outputs": results,
             "files": len(manifest["files"]),
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
