@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         model = params.model(args.variant)
         download_report = read_report(args.download_report, "download")
         verify_report = read_report(args.verify_report, "verify-outputs")
+        if verify_report.get("passed") is not True:
+            raise ExportError(
+                f"{args.verify_report} says the model did not pass verify-outputs (first divergence: "
+                f"{verify_report.get('first_divergence')}); an export is only made of a verified model. Fix the "
+                "conversion and rerun `dvc repro`"
+            )
         atol = params.export_atol[model.dtype]
         proc = params.processor
         # Build the folder beside its destination and move it into place only once it loads and checks out, so a

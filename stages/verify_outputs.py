@@ -10,7 +10,7 @@ too, with the preprocessing they were computed with.
 Writes a metrics JSON, the reference outputs (for export's check) and one mask picture per prompt.
 
 Same bytes on every machine: the reference runs in float64, so the float32 outputs it stores and the mask pictures drawn
-from its logits do not depend on the CPU's instruction set or thread count (float64 rounding is a billion times finer
+from its logits do not depend on the CPU's instruction set or thread count (float64 rounding is 500 million times finer
 than a float32 step). The converted model runs in float32, as users run it, and the last bits of its outputs do
 depend on the CPU; so a difference within tolerance is recorded as passed, without its figure, and the exact figures
 are printed on stderr. A difference beyond tolerance is recorded to FIGURE_DIGITS significant digits.

@@ -144,6 +144,18 @@ def test_a_built_file_with_other_metadata_is_written_anew(tiny_pipeline, tmp_pat
     assert all(torch.equal(written[name], other[name]) for name in other)
 
 
+def test_a_model_that_failed_verification_is_not_exported(tiny_pipeline, tmp_path, capsys):  # noqa: F811
+    report = json.loads(tiny_pipeline.report("verify").read_text(encoding="utf-8"))
+    failed = tmp_path / "verify.json"
+    failed.write_text(json.dumps({**report, "passed": False, "first_divergence": "vision.block3.attention"}), encoding="utf-8")
+    argv = tiny_pipeline.export_argv(tmp_path / "hf", tmp_path / "export.json")
+    argv[argv.index("--verify-report") + 1] = str(failed)
+    assert export.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "says the model did not pass verify-outputs (first divergence: vision.block3.attention)" in err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "export.json").exists()
+
+
 def test_two_exports_of_the_same_inputs_are_byte_identical(tiny_pipeline, tmp_path):  # noqa: F811
     # A different output folder too: nothing in the export may depend on where it was written.
     out = tmp_path / "elsewhere" / "hf"
