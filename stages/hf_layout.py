@@ -1,9 +1,9 @@
 """The Hugging Face model's layout without transformers: CLIPSegForImageSegmentation's state dict (every key and shape)
 and its config.json, both computed from a variant's architecture.
 
-build-model needs only these two, and importing transformers' modelling code costs a stage seconds of start-up; so
-they are written out here, and tests/test_hf_layout.py holds them to transformers (the meta model's state dict and
-CLIPSegConfig's JSON) for every variant in params.yaml. config.json is the template CONFIG_TEMPLATE (what CLIPSegConfig
+build-model and export need only these two, and importing transformers' modelling code costs a stage seconds of
+start-up; so they are written out here, and tests/test_hf_layout.py holds them to transformers (the meta model's state
+dict and CLIPSegConfig's JSON) for every variant in params.yaml. config.json is the template CONFIG_TEMPLATE (what CLIPSegConfig
 writes, generated from transformers) with the architecture filled in; after upgrading transformers, regenerate it:
 
     python -m stages.hf_layout

@@ -9,13 +9,24 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
 from stages import hf_layout
-from stages.hf_model import config_from_architecture, meta_model
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 MODELS = yaml.safe_load(PARAMS.read_text(encoding="utf-8"))["models"]
+
+
+def config_from_architecture(arch: dict) -> CLIPSegConfig:
+    return CLIPSegConfig(**hf_layout.config_settings(arch))
+
+
+def meta_model(config: CLIPSegConfig) -> CLIPSegForImageSegmentation:
+    """transformers' own model, constructed without memory or a random initialisation."""
+    with torch.device("meta"):
+        return CLIPSegForImageSegmentation(config)
 
 
 def changed(variant: str, change) -> dict:
