@@ -3,8 +3,9 @@
 The remapped file is held to the state dict of the model the variant's config describes: a missing, unexpected or
 misshapen tensor stops the stage. The tensors are then streamed into model.safetensors in the model's working
 precision, one at a time, and config.json is written. Both the state dict's layout and config.json come from
-stages.hf_layout, which tests hold to transformers' own, so this stage need not import transformers (seconds of
-start-up); verify-outputs then loads the folder with transformers, as a user would.
+stages.hf_layout, which tests hold to transformers' own, so this stage need not import transformers, nor torch: it
+moves numpy arrays (each import costs seconds of start-up); verify-outputs then loads the folder with transformers, as a
+user would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from . import params as params_mod
 from .errors import exit_now, run_stage
@@ -21,13 +22,23 @@ from .tensor_io import LazyTensors, Spec, TensorFile, write_json, write_safetens
 
 STAGE = "build-model"
 # The working precision of the converted model; export may store it in another dtype.
-BUILD_DTYPE = torch.float32
+BUILD_DTYPE = "float32"
 
 
-def weights_metadata(variant: str, dtype: torch.dtype, source_sha256: str) -> dict[str, str]:
+def weights_metadata(variant: str, dtype: str, source_sha256: str) -> dict[str, str]:
     """model.safetensors' metadata, as build-model and export write it: `format: pt` for transformers, the variant,
-    the dtype and the sha256 of the original files the weights come from."""
-    return {"format": "pt", "variant": variant, "dtype": str(dtype).removeprefix("torch."), "source_sha256": source_sha256}
+    the dtype ("float32", "bfloat16", ...) and the sha256 of the original files the weights come from."""
+    return {"format": "pt", "variant": variant, "dtype": dtype, "source_sha256": source_sha256}
+
+
+def to_float32(array: np.ndarray, stored: str) -> np.ndarray:
+    """A tensor read with TensorFile "np" as float32: exact from float16 and bfloat16 (whose raw bits are float32's top
+    half), no copy when it already is float32."""
+    if stored == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if stored not in ("F32", "F16", "F64"):
+        raise ValueError(f"a weight stored as {stored} cannot become a float32 weight")
+    return array.astype(np.float32, copy=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         model_params = params_mod.load(args.params).model(args.variant)
-        source = TensorFile(args.remapped)
+        source = TensorFile(args.remapped, framework="np")
         check_shapes(state_dict_shapes(model_params.architecture), {name: spec.shape for name, spec in source.specs.items()})
         tensors = LazyTensors(
-            {name: Spec(BUILD_DTYPE, spec.shape) for name, spec in source.specs.items()},
-            lambda name: source[name].to(BUILD_DTYPE),
+            {name: Spec("F32", spec.shape) for name, spec in source.specs.items()},
+            lambda name: to_float32(source[name], source.specs[name].dtype),
         )
         # The metadata an export in this dtype carries too, so that export can pass this very file on (export.py).
         metadata = weights_metadata(args.variant, BUILD_DTYPE, source.metadata.get("source_sha256", ""))
@@ -54,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             "variant": args.variant,
             "parameters": sum(math.prod(spec.shape) for spec in tensors.specs.values()),
             "tensors": len(tensors),
-            "dtype": str(BUILD_DTYPE).removeprefix("torch."),
+            "dtype": BUILD_DTYPE,
         })
 
     return run_stage(STAGE, args.variant, body)

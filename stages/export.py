@@ -3,9 +3,15 @@
 Writes model.safetensors (in the variant's export dtype), config.json, preprocessor_config.json (the published
 processor: 352x352, bilinear, ImageNet mean/std), vocab.json, merges.txt, tokenizer_config.json,
 special_tokens_map.json, README.md (the model card: sources, settings, verification, usage) and manifest.json (every
-other file's size and sha256). The folder is loaded back as a user would, its tokenizer run on verify-outputs' prompts
-and its model on verify-outputs' inputs, and compared with the reference outputs within the dtype's tolerance.
-The same inputs give the same bytes.
+other file's size and sha256). The same inputs give the same bytes.
+
+What is checked before the folder is moved into place: its tokenizer, loaded by transformers' CLIPTokenizer, gives
+verify-outputs' token ids for its prompts; config.json describes exactly the tensors in model.safetensors. A float32
+export holds the verified weights themselves, so verify-outputs' comparison is its own; a float16 or bfloat16 export is
+loaded with from_pretrained, run on verify-outputs' inputs and compared with the reference within the dtype's
+tolerance. Only that case imports torch and transformers' modelling code (seconds of start-up), so a float32 export,
+or a rerun after an export setting changed, stays quick. The image processor settings in preprocessor_config.json are
+loaded by transformers' CLIPSegProcessor in tests/test_export.py (importing it costs about 6 s).
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from transformers import CLIPSegConfig, CLIPSegProcessor
+import numpy as np
 
 from . import model_card
 from . import params as params_mod
@@ -24,8 +29,8 @@ from .build_model import weights_metadata
 from .errors import PipelineError, exit_now, run_stage
 from .hf_layout import architecture_of, check_shapes, state_dict_shapes
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
-from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
-from .verify_outputs import OUTPUTS, hf_outputs, print_figures, recorded
+from .recording import OUTPUTS, print_figures, recorded
+from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
 
 STAGE = "export"
 MANIFEST = "manifest.json"
@@ -71,12 +76,14 @@ def tokenizer_config() -> dict:
     }
 
 
-def cast_tensors(source: Mapping[str, torch.Tensor], dtype: str) -> LazyTensors:
-    """Every tensor in `dtype`, cast one at a time as it is written; refuses a weight that does not fit the dtype
-    (float16 overflows beyond 65504; bfloat16 has float32's range)."""
+def cast_tensors(source: Mapping, dtype: str) -> LazyTensors:
+    """Every tensor (torch) in `dtype`, cast one at a time as it is written; refuses a weight that does not fit the
+    dtype (float16 overflows beyond 65504; bfloat16 has float32's range)."""
+    import torch
+
     target = getattr(torch, dtype)
 
-    def cast(name: str) -> torch.Tensor:
+    def cast(name: str):
         tensor = source[name].to(target)
         if target == torch.float16 and tensor.numel():
             low, high = torch.aminmax(tensor)  # an overflow shows as inf; aminmax is far cheaper than isfinite
@@ -87,7 +94,7 @@ def cast_tensors(source: Mapping[str, torch.Tensor], dtype: str) -> LazyTensors:
                 )
         return tensor
 
-    return LazyTensors({name: Spec(target, spec_of(source, name).shape) for name in source}, cast)
+    return LazyTensors({name: Spec(dtype_name(dtype), spec_of(source, name).shape) for name in source}, cast)
 
 
 def export_config(config: Mapping, dtype: str) -> dict:
@@ -102,8 +109,8 @@ def write_weights(model_dir: Path, out: Path, dtype: str, variant: str) -> dict:
     """
     source_path = model_dir / "model.safetensors"
     source = TensorFile(source_path)
-    metadata = weights_metadata(variant, getattr(torch, dtype), source.metadata.get("source_sha256", ""))
-    if source.metadata == metadata and all(spec.dtype == getattr(torch, dtype) for spec in source.specs.values()):
+    metadata = weights_metadata(variant, dtype, source.metadata.get("source_sha256", ""))
+    if source.metadata == metadata and all(spec.dtype == dtype_name(dtype) for spec in source.specs.values()):
         link_or_copy(source_path, out / "model.safetensors")
     else:
         write_safetensors(out / "model.safetensors", cast_tensors(source, dtype), metadata)
@@ -120,11 +127,12 @@ def write_manifest(out: Path) -> dict:
 
 
 def check_tokenizer(out: Path, reference: TensorFile, prompts: Sequence[str]) -> None:
-    """The folder's processor loads, and its tokenizer gives verify-outputs' token ids for the same prompts."""
-    processor = CLIPSegProcessor.from_pretrained(out)
-    ids = token_ids(processor.tokenizer, prompts)
+    """The folder's tokenizer loads, and gives verify-outputs' token ids for the same prompts."""
+    from transformers import CLIPTokenizer  # imported at start-up by main(): here it costs nothing
+
+    ids = token_ids(CLIPTokenizer.from_pretrained(out), prompts, tensors="np")
     for name in ("input_ids", "attention_mask"):
-        if not torch.equal(ids[name], reference[name]):
+        if not np.array_equal(ids[name], reference[name]):
             raise ExportError(
                 f"the tokenizer in {out} gives {name} {ids[name].tolist()} for {list(prompts)}, verify-outputs used "
                 f"{reference[name].tolist()}; check tokenizer_config.json and special_tokens_map.json against the tokenizer files"
@@ -132,23 +140,30 @@ def check_tokenizer(out: Path, reference: TensorFile, prompts: Sequence[str]) ->
 
 
 def check_loadable(out: Path) -> None:
-    """config.json, parsed by transformers, describes a model whose state dict is exactly model.safetensors' tensors,
-    as from_pretrained needs. The state dict's layout comes from hf_layout (which tests hold to transformers' model), so
-    a float32 export need not import transformers' modelling code: seconds of start-up.
+    """config.json describes a model whose state dict is exactly model.safetensors' tensors, as from_pretrained needs.
+    The config's reading and the state dict's layout come from hf_layout, which tests hold to transformers'
+    CLIPSegConfig and model, so a float32 export need not import transformers' modelling code: seconds of start-up.
 
     A float32 export holds the verified model's very bytes (write_weights), so verify-outputs' comparison is this
     folder's: checking that it loads needs no second forward pass.
     """
     exported = TensorFile(out / "model.safetensors")
-    config = CLIPSegConfig.from_pretrained(out)
-    check_shapes(state_dict_shapes(architecture_of(config.to_dict())), {name: spec.shape for name, spec in exported.specs.items()})
+    try:
+        arch = architecture_of(json.loads((out / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{out / 'config.json'}: not a CLIPSeg config ({exc!r}); rerun build-model") from exc
+    check_shapes(state_dict_shapes(arch), {name: spec.shape for name, spec in exported.specs.items()})
 
 
-def check_outputs(out: Path, reference: TensorFile, atol: float) -> dict:
+def check_outputs(out: Path, reference: TensorFile, atol: float, threads: int) -> dict:
     """A float16/bfloat16 export, loaded as a user would and fed verify-outputs' inputs, gives the reference outputs
     within `atol` (the dtype's own error); returns {output: {"max_abs_diff": exact figure, "passed": True}}."""
+    import torch
     from transformers import CLIPSegForImageSegmentation  # only float16/bfloat16 exports run the model
 
+    from .verify_outputs import hf_outputs
+
+    torch.set_num_threads(threads)  # params verify.threads: a fixed count keeps the last bits the same everywhere
     model = CLIPSegForImageSegmentation.from_pretrained(out).eval()
     dtype = next(model.parameters()).dtype
     got = hf_outputs(model, reference["pixel_values"].to(dtype), reference["input_ids"], reference["attention_mask"])
@@ -166,16 +181,15 @@ def check_outputs(out: Path, reference: TensorFile, atol: float) -> dict:
     return results
 
 
-def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype: str, atol: float, verify_report: Mapping) -> dict:
-    """Load the folder as a user would and hold it to what verify-outputs checked; per output, the comparison with the
-    reference as the report records it (see verify_outputs.recorded): for float32, verify-outputs' own, the weights
-    being identical; for float16/bfloat16, this folder's forward pass (its exact figures go to stderr)."""
-    reference = TensorFile(reference_file)
-    check_tokenizer(out, reference, prompts)
+def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype: str, atol: float, verify_report: Mapping, threads: int) -> dict:
+    """Hold the folder to what verify-outputs checked; per output, the comparison with the reference as the report
+    records it (see recording.recorded): for float32, verify-outputs' own, the weights being identical; for
+    float16/bfloat16, this folder's forward pass (its exact figures go to stderr)."""
+    check_tokenizer(out, TensorFile(reference_file, framework="np"), prompts)
     if dtype == "float32":
         check_loadable(out)
         return {name: {**verify_report["outputs"][name], "checked_by": "verify-outputs (the same float32 weights)"} for name in OUTPUTS}
-    results = check_outputs(out, reference, atol)
+    results = check_outputs(out, TensorFile(reference_file), atol, threads)
     print_figures(STAGE, {f"{name} ({dtype})": (r["max_abs_diff"], atol) for name, r in results.items()})
     return {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": f"a {dtype} forward pass of this folder"} for name, r in results.items()}
 
@@ -188,6 +202,9 @@ def read_report(path: Path, stage: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every export loads its tokenizer with transformers: imported with the rest of the start-up, not inside the work.
+    from transformers import CLIPTokenizer  # noqa: F401
+
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory")
     parser.add_argument("--original", type=Path, required=True, help="download's folder (tokenizer files)")
@@ -200,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         params = params_mod.load(args.params)
-        torch.set_num_threads(params.verify.threads)  # the float16/bfloat16 check runs the model
         model = params.model(args.variant)
         download_report = read_report(args.download_report, "download")
         verify_report = read_report(args.verify_report, "verify-outputs")
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(staging / "preprocessor_config.json", preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
             write_json(staging / "tokenizer_config.json", tokenizer_config())
             write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS)
-            results = check_export(staging, args.reference, model.prompts, model.dtype, atol, verify_report)
+            results = check_export(staging, args.reference, model.prompts, model.dtype, atol, verify_report, params.verify.threads)
             card = model_card.render(model_card.CardInputs(
                 variant=args.variant,
                 dtype=model.dtype,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import PipelineError
+
+if TYPE_CHECKING:  # tensors come from transformers' processors; export checks token ids as numpy arrays, without torch
+    import torch
 
 # CLIP's text context; the published processors set the tokenizer's model_max_length to it.
 CONTEXT_LENGTH = 77
@@ -75,14 +77,15 @@ def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) 
     return image_processor(size, mean, std)(images=image, return_tensors="pt")["pixel_values"]
 
 
-def token_ids(tok, prompts: Sequence[str | bytes], padding: str = "longest") -> dict[str, torch.Tensor]:
+def token_ids(tok, prompts: Sequence[str | bytes], padding: str = "longest", tensors: str = "pt") -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask"} [P, L] for the prompts, as torch tensors (`tensors` "pt") or numpy arrays ("np")."""
     if isinstance(prompts, (str, bytes)):
         raise InputError(f"expected a list of prompts, got the single text {prompts[:60]!r}; pass [text]")
     if not prompts:
         raise InputError("no prompts given; pass at least one prompt text")
     texts = [_text(index, prompt) for index, prompt in enumerate(prompts)]
     # Prompts longer than CLIP's context are cut (the end token is kept), as CLIP's own tokenize(truncate=True) does.
-    encoded = tok(texts, padding=padding, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
+    encoded = tok(texts, padding=padding, truncation=True, max_length=CONTEXT_LENGTH, return_tensors=tensors)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 

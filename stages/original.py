@@ -15,11 +15,13 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import PipelineError
 from .tensor_io import atomic_output
+
+if TYPE_CHECKING:  # torch is imported by the loaders that use it: remap-weights needs only the shape tables
+    import torch
 
 # OpenAI's CLIP file carries these three non-weight scalars beside the weights.
 CLIP_SCALARS = ("input_resolution", "context_length", "vocab_size")
@@ -150,6 +152,8 @@ def check_unpacked_size(path: Path, max_bytes: int) -> None:
 
 def load_state_dict(path: Path, what: str, max_bytes: int) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict in torch's zip format, read without executing pickled code."""
+    import torch
+
     kind = describe(path)
     if kind != STATE_DICT_ZIP:
         raise SourceFormatError(f"{path}: expected {what} (a torch.save state dict, zip format), found {_with_hint(kind)}")
@@ -215,6 +219,8 @@ def load_decoder(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
 
 def load_clip(path: Path, pinned: bool, max_bytes: int) -> dict[str, torch.Tensor]:
     """OpenAI's CLIP weights from its TorchScript archive, or from a plain state dict as OpenAI's loader accepts."""
+    import torch
+
     kind = describe(path)
     if kind == TORCHSCRIPT:
         if not pinned:

@@ -1,7 +1,9 @@
 """remap-weights: original CLIPSeg tensors (OpenAI CLIP + decoder names) -> CLIPSegForImageSegmentation tensors.
 
 Input: the download stage's safetensors file. Output: a safetensors file under Hugging Face names plus a JSON report
-of every rule that fired and every key dropped. The core, `remap`, is a pure function over a mapping of tensors.
+of every rule that fired and every key dropped. The core, `remap`, is a pure function over a mapping of tensors, torch
+tensors or numpy arrays alike: the stage itself moves numpy arrays and never imports torch (seconds of start-up for
+work that only slices and transposes).
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from .errors import PipelineError, exit_now, run_stage
 
 from . import params as params_mod
 from .original import CLIP_SCALARS, clip_shapes, decoder_shapes
-from .tensor_io import LazyTensors, Spec, TensorFile, write_json, write_safetensors
+from .tensor_io import LazyTensors, Spec, TensorFile, numpy_dtype, stored_dtype, write_json, write_safetensors
 
 STAGE = "remap-weights"
+# A torch tensor or a numpy array: the surgery below uses only what both have (shape, slicing, .T).
+Tensor = Any
 
 
 class RemapError(PipelineError):
@@ -30,23 +35,33 @@ class RemapError(PipelineError):
 # ---- tensor surgery: small operations, each with its inverse ----------------------------------------------------
 
 
-def split_qkv(stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """nn.MultiheadAttention stacks the q, k and v projections along dim 0; Hugging Face keeps three Linear layers."""
-    if stacked.shape[0] % 3:
+def split_qkv(stacked: Tensor) -> tuple[Tensor, ...]:
+    """nn.MultiheadAttention stacks the q, k and v projections along dim 0; Hugging Face keeps three Linear layers.
+    The parts are views: the writer lays each one out in order as it writes it."""
+    rows = stacked.shape[0]
+    if rows % 3:
         raise RemapError(f"an in_proj tensor of shape {list(stacked.shape)} cannot be split into q, k, v")
-    return tuple(part.contiguous() for part in stacked.chunk(3, dim=0))
+    third = rows // 3
+    return stacked[:third], stacked[third : 2 * third], stacked[2 * third :]
 
 
-def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def join_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if isinstance(q, np.ndarray):
+        return np.concatenate([q, k, v], axis=0)
+    import torch
+
     return torch.cat([q, k, v], dim=0)
 
 
-def transpose(matrix: torch.Tensor) -> torch.Tensor:
-    """The original applies its projections as `x @ P`; nn.Linear computes `x @ W.T`, so W = P.T."""
-    return matrix.t().contiguous()
+def transpose(matrix: Tensor) -> Tensor:
+    """The original applies its projections as `x @ P`; nn.Linear computes `x @ W.T`, so W = P.T (a view, laid out
+    when written)."""
+    if len(matrix.shape) != 2:
+        raise RemapError(f"a projection must be a matrix, found shape {list(matrix.shape)}")
+    return matrix.T
 
 
-def identity(tensor: torch.Tensor) -> torch.Tensor:
+def identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
@@ -57,7 +72,7 @@ def identity(tensor: torch.Tensor) -> torch.Tensor:
 class Rule:
     pattern: str  # full match against the original key
     targets: tuple[str, ...]  # str.format templates over the pattern's groups; empty for a drop
-    op: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]] = identity
+    op: Callable[[Tensor], Tensor | tuple[Tensor, ...]] = identity
     reason: str = ""  # why a key is dropped
 
     @property
@@ -158,7 +173,7 @@ def match_rules(names: list[str], rules: tuple[Rule, ...] = RULES) -> dict[str, 
     return matched
 
 
-def normalize(source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Accept a full original model's state dict too: its CLIP keys carry a `clip_model.` prefix."""
     normal = {name.removeprefix(FULL_MODEL_PREFIX): tensor for name, tensor in source.items()}
     if len(normal) != len(source):
@@ -166,7 +181,7 @@ def normalize(source: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return normal
 
 
-def check_architecture(source: Mapping[str, torch.Tensor], arch: dict, variant: str) -> None:
+def check_architecture(source: Mapping[str, Tensor], arch: dict, variant: str) -> None:
     """Compare the source's keys and shapes with the architecture in params.yaml, naming the setting to fix."""
     where = f"models.{variant}.architecture"
     expected = clip_shapes(arch) | decoder_shapes(arch)
@@ -195,10 +210,10 @@ def check_architecture(source: Mapping[str, torch.Tensor], arch: dict, variant: 
             raise RemapError(f"the CLIP archive says {scalar} = {int(source[scalar])} but {where} implies {value}: fix the architecture")
 
 
-def remap(source: Mapping[str, torch.Tensor], rules: tuple[Rule, ...] = RULES) -> tuple[dict[str, torch.Tensor], Report]:
+def remap(source: Mapping[str, Tensor], rules: tuple[Rule, ...] = RULES) -> tuple[dict[str, Tensor], Report]:
     """Original tensors -> Hugging Face tensors, with a report of what every key became. No file I/O."""
     matched = match_rules(sorted(source), rules)
-    target: dict[str, torch.Tensor] = {}
+    target: dict[str, Tensor] = {}
     mapped: dict[str, list[str]] = {}
     dropped: dict[str, str] = {}
     fired = {rule.pattern: 0 for rule in rules}
@@ -230,32 +245,33 @@ def report_json(report: Report, variant: str, source_meta: Mapping[str, str]) ->
     }
 
 
-def shape_only(source: TensorFile) -> dict[str, torch.Tensor]:
-    """The source as meta tensors (no data) for planning; the scalar entries keep their values for the checks."""
+def shape_only(source: TensorFile) -> dict[str, np.ndarray]:
+    """The source (read with framework "np") as data-less arrays for planning: one element repeated to each tensor's
+    shape by a zero stride, so nothing is read or allocated; the scalar entries keep their values for the checks."""
     return {
-        name: source[name] if spec.shape == () else torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        name: source[name] if spec.shape == () else np.broadcast_to(np.zeros((), numpy_dtype(spec.dtype)), spec.shape)
         for name, spec in source.specs.items()
     }
 
 
-def stream(source: Mapping[str, torch.Tensor], original_names: Mapping[str, str], plan: Mapping[str, torch.Tensor], report: Report) -> LazyTensors:
+def stream(source: Mapping[str, Tensor], original_names: Mapping[str, str], plan: Mapping[str, Tensor], report: Report) -> LazyTensors:
     """The remapped tensors, each computed from its source tensor only when the writer asks for it.
 
-    `plan` is `remap` run on meta tensors: the targets' dtypes and shapes, known before any data is read.
+    `plan` is `remap` run on `shape_only` arrays: the targets' dtypes and shapes, known before any data is read.
     """
     origin = {target: (name, index) for name, targets in report.mapped.items() for index, target in enumerate(targets)}
     rules = match_rules(sorted(report.mapped))
 
     @functools.lru_cache(maxsize=4)  # a q/k/v split is asked for three times, not in a row
-    def apply(name: str) -> tuple[torch.Tensor, ...]:
+    def apply(name: str) -> tuple[Tensor, ...]:
         result = rules[name][0].op(source[original_names[name]])
         return result if isinstance(result, tuple) else (result,)
 
-    def produce(target: str) -> torch.Tensor:
+    def produce(target: str) -> Tensor:
         name, index = origin[target]
         return apply(name)[index]
 
-    return LazyTensors({name: Spec(t.dtype, tuple(t.shape)) for name, t in plan.items()}, produce)
+    return LazyTensors({name: Spec(stored_dtype(t), tuple(t.shape)) for name, t in plan.items()}, produce)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         model = params_mod.load(args.params).model(args.variant)
-        source = TensorFile(args.original)
+        source = TensorFile(args.original, framework="np")
         planned = normalize(shape_only(source))
         check_architecture(planned, model.architecture, args.variant)
         plan, report = remap(planned)

@@ -20,28 +20,41 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-import torch
+import numpy as np
 
 from .errors import PipelineError
 
 # The largest safetensors header we accept (the format itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
-# safetensors' dtype names; a tensor of any other dtype is refused.
+# safetensors' dtype names, keyed by the dtype's own name (torch.float32 and numpy's float32 are both "float32"), with
+# each one's size in bytes; a tensor of any other dtype is refused.
 DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
-_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# numpy has no bfloat16: a BF16 tensor read or written as a numpy array travels as its raw 16 bits, in uint16.
+_NUMPY = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64", "I32": "int32",
+          "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def dtype_name(dtype: Any) -> str:
+    """safetensors' name ("F32", ...) of a torch or numpy dtype, or of a name such as "float32"; torch need not be
+    imported (the stages that only move tensors run on numpy, without torch's seconds of start-up)."""
+    name = str(dtype).removeprefix("torch.")
+    if name in DTYPE_NAMES:
+        return DTYPE_NAMES[name]
+    raise OutputError(f"dtype {dtype} cannot be stored in safetensors; use one of {sorted(DTYPE_NAMES)}")
 
 
 class OutputError(PipelineError):
@@ -100,30 +113,51 @@ def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
 
 @dataclass(frozen=True)
 class Spec:
-    """What the header needs to know of a tensor before its bytes exist."""
+    """What the header needs to know of a tensor before its bytes exist: its dtype by safetensors' name, its shape."""
 
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.dtype not in ITEM_BYTES:
+            raise OutputError(f"Spec dtype must be a safetensors dtype name {sorted(ITEM_BYTES)}, found {self.dtype!r}")
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * ITEM_BYTES[self.dtype]
 
 
-class LazyTensors(Mapping[str, torch.Tensor]):
-    """Tensors known by their spec up front and computed one at a time when read, so that a stage can stream a
-    whole checkpoint through `write_safetensors` while holding only the tensor in hand."""
+def stored_dtype(tensor) -> str:
+    """safetensors' dtype name for a torch tensor or numpy array; a numpy uint16 array is bfloat16's raw bits (as
+    TensorFile "np" gives them: safetensors has no unsigned 16-bit type here)."""
+    if isinstance(tensor, np.ndarray) and tensor.dtype == np.uint16:
+        return "BF16"
+    return dtype_name(tensor.dtype)
 
-    def __init__(self, specs: Mapping[str, Spec], produce: Callable[[str], torch.Tensor]):
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype that holds a safetensors dtype's elements (uint16 for BF16's raw bits)."""
+    return np.dtype(_NUMPY[name])
+
+
+def _matches(tensor, spec: Spec) -> bool:
+    return stored_dtype(tensor) == spec.dtype and tuple(tensor.shape) == spec.shape
+
+
+class LazyTensors(Mapping[str, Any]):
+    """Tensors (torch or numpy) known by their spec up front and computed one at a time when read, so that a stage
+    can stream a whole checkpoint through `write_safetensors` while holding only the tensor in hand."""
+
+    def __init__(self, specs: Mapping[str, Spec], produce: Callable[[str], Any]):
         self.specs = dict(specs)
         self._produce = produce
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str):
         if name not in self.specs:
             raise KeyError(name)
         tensor = self._produce(name)
         spec = self.specs[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if not _matches(tensor, spec):
             raise OutputError(f"tensor {name!r} came out as {tensor.dtype} {list(tensor.shape)}, planned as {spec.dtype} {list(spec.shape)}")
         return tensor
 
@@ -134,17 +168,17 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self.specs)
 
 
-def spec_of(tensors: Mapping[str, torch.Tensor], name: str) -> Spec:
+def spec_of(tensors: Mapping[str, Any], name: str) -> Spec:
     if isinstance(tensors, (LazyTensors, TensorFile)):
         return tensors.specs[name]
     tensor = tensors[name]
-    return Spec(tensor.dtype, tuple(tensor.shape))
+    return Spec(stored_dtype(tensor), tuple(tensor.shape))
 
 
 def _order(specs: Mapping[str, Spec]) -> list[str]:
     # Largest element size first, then by name: every data offset stays aligned to its dtype (as safetensors does),
     # and the order does not depend on how the mapping was built, so the bytes are reproducible.
-    return sorted(specs, key=lambda name: (-specs[name].dtype.itemsize, name))
+    return sorted(specs, key=lambda name: (-ITEM_BYTES[specs[name].dtype], name))
 
 
 def _header(specs: Mapping[str, Spec], names: list[str], metadata: Mapping[str, str]) -> bytes:
@@ -152,9 +186,7 @@ def _header(specs: Mapping[str, Spec], names: list[str], metadata: Mapping[str, 
     offset = 0
     for name in names:
         spec = specs[name]
-        if spec.dtype not in DTYPE_NAMES:
-            raise OutputError(f"tensor {name!r} has dtype {spec.dtype}, which safetensors cannot store")
-        entries[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        entries[name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     if metadata:
         entries["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
@@ -162,11 +194,16 @@ def _header(specs: Mapping[str, Spec], names: list[str], metadata: Mapping[str, 
     return header + b" " * (-len(header) % 8)
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+def _raw_bytes(tensor) -> memoryview:
+    """A torch tensor's or numpy array's bytes in C order (little-endian, as safetensors stores them)."""
+    if isinstance(tensor, np.ndarray):
+        return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+    import torch  # only a stage holding torch tensors gets here, and it has torch loaded already
+
     return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` to `path` in the safetensors format, one tensor at a time, atomically, with sorted metadata,
     then re-open the file with the safetensors library's own parser and check every tensor's name, dtype and shape.
 
@@ -187,12 +224,19 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         raise
 
 
-class TensorFile(Mapping[str, torch.Tensor]):
+class TensorFile(Mapping[str, Any]):
     """A safetensors file read one tensor at a time with plain reads (not memory mapping, whose touched pages would
-    stay resident): a stage holds only the tensors it is working on."""
+    stay resident): a stage holds only the tensors it is working on.
 
-    def __init__(self, path: Path):
+    `framework` is "pt" for torch tensors or "np" for numpy arrays (a BF16 tensor then comes as its raw bits in uint16,
+    numpy having no bfloat16), as in safetensors' own safe_open. Either way the bytes are read straight into the
+    tensor's memory, once."""
+
+    def __init__(self, path: Path, framework: str = "pt"):
+        if framework not in ("pt", "np"):
+            raise ValueError(f"framework must be 'pt' or 'np', found {framework!r}")
         self.path = Path(path)
+        self.framework = framework
         try:
             with open(self.path, "rb") as handle:
                 (size,) = struct.unpack("<Q", handle.read(8))
@@ -201,17 +245,17 @@ class TensorFile(Mapping[str, torch.Tensor]):
                 header = json.loads(handle.read(size))
             self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
             self._base = 8 + size
-            self._entries = {name: (_DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
-        except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
+            self.specs = {name: Spec(e["dtype"], tuple(e["shape"])) for name, e in header.items()}
+            self._offsets = {name: tuple(e["data_offsets"]) for name, e in header.items()}
+        except (OSError, struct.error, ValueError, KeyError, TypeError, OutputError) as exc:
             raise OutputError(f"{self.path}: not a readable safetensors file ({exc}); rerun the stage that writes it") from exc
-        self.specs = {name: Spec(dtype, shape) for name, (dtype, shape, _, _) in self._entries.items()}
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self._entries[name]
-        tensor = torch.empty(shape, dtype=dtype)
-        target = _raw_bytes(tensor)
-        if end - begin != len(target):
-            raise OutputError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {len(target)}")
+    def __getitem__(self, name: str):
+        spec, (begin, end) = self.specs[name], self._offsets[name]
+        if end - begin != spec.nbytes:
+            raise OutputError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {spec.nbytes}")
+        data = np.empty(spec.nbytes, dtype=np.uint8)
+        target = memoryview(data)
         with open(self.path, "rb", buffering=0) as handle:
             handle.seek(self._base + begin)
             done = 0
@@ -220,13 +264,19 @@ class TensorFile(Mapping[str, torch.Tensor]):
                 if not count:
                     raise OutputError(f"{self.path}: truncated inside tensor {name!r}; rerun the stage that writes it")
                 done += count
-        return tensor
+        array = data.view(numpy_dtype(spec.dtype)).reshape(spec.shape)
+        if self.framework == "np":
+            return array
+        import torch  # a stage reading torch tensors has torch loaded already
+
+        tensor = torch.from_numpy(array)
+        return tensor.view(torch.bfloat16) if spec.dtype == "BF16" else tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(sorted(self.specs))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.specs)
 
 
 def _verify_written(path: Path, specs: Mapping[str, Spec]) -> None:
@@ -235,11 +285,11 @@ def _verify_written(path: Path, specs: Mapping[str, Spec]) -> None:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="np") as handle:  # only the header is read
             names = set(handle.keys())
             for name in names & set(specs):
                 got = handle.get_slice(name)
-                if got.get_dtype() != DTYPE_NAMES[specs[name].dtype] or tuple(got.get_shape()) != specs[name].shape:
+                if got.get_dtype() != specs[name].dtype or tuple(got.get_shape()) != specs[name].shape:
                     raise OutputError(f"{path}: tensor {name!r} reads back as {got.get_dtype()} {got.get_shape()}")
     except SafetensorError as exc:
         raise OutputError(f"{path}: the written file does not parse as safetensors ({exc})") from exc

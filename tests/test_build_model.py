@@ -46,6 +46,17 @@ def test_builds_a_float32_model_that_loads_with_exactly_the_remapped_values(rema
     assert TensorFile(out / "model.safetensors").metadata["format"] == "pt"
 
 
+def test_bfloat16_and_float64_sources_become_exactly_their_float32_values(remapped, tmp_path):
+    # build-model reads numpy arrays, and numpy has no bfloat16: its raw bits are widened by hand.
+    tensors = {name: t.to(torch.bfloat16 if i % 2 else torch.float64) for i, (name, t) in enumerate(sorted(remapped.items()))}
+    code, out = run(tmp_path, tensors)
+    assert code == 0
+    built = TensorFile(out / "model.safetensors")
+    assert {spec.dtype for spec in built.specs.values()} == {"F32"}
+    for name, tensor in tensors.items():
+        assert torch.equal(built[name], tensor.float()), name
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -211,7 +211,7 @@ def test_a_tokenizer_config_that_changes_the_ids_fails_the_check(tiny_pipeline, 
     special = {**export.SPECIAL_TOKENS, "bos_token": "<|endoftext|>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     with pytest.raises(export.ExportError, match="the tokenizer in .* gives input_ids"):
-        export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, "float32", 1e-4, {})
+        export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, "float32", 1e-4, {}, threads=2)
 
 
 def test_a_missing_report_is_named_with_the_stage_to_run(tiny_pipeline, tmp_path, capsys):  # noqa: F811

@@ -1,0 +1,73 @@
+"""tensor_io: torch tensors and numpy arrays written to the same bytes and read back as either, and the stages that only
+move tensors kept free of torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages.tensor_io import LazyTensors, OutputError, Spec, TensorFile, write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=generator)
+    return {
+        "f64": base.double(), "f32": base, "f16": base.half(), "bf16": base.bfloat16(), "i64": torch.arange(7),
+        "u8": torch.arange(4, dtype=torch.uint8), "flag": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
+        "transposed": base.t(), "empty": torch.zeros(0, 4),
+    }  # fmt: skip
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: its raw bits travel as uint16.
+    return tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def test_torch_and_numpy_write_the_same_bytes_and_read_back_as_either(tmp_path):
+    torch_file, numpy_file = tmp_path / "torch.safetensors", tmp_path / "numpy.safetensors"
+    write_safetensors(torch_file, tensors(), {"k": "v"})
+    write_safetensors(numpy_file, {name: as_numpy(t) for name, t in tensors().items()}, {"k": "v"})
+    assert torch_file.read_bytes() == numpy_file.read_bytes()
+    as_torch, as_np = TensorFile(torch_file), TensorFile(torch_file, framework="np")
+    assert as_torch.metadata == as_np.metadata == {"k": "v"}
+    for name, tensor in tensors().items():
+        assert as_torch[name].dtype == tensor.dtype and torch.equal(as_torch[name], tensor), name
+        assert np.array_equal(as_np[name], as_numpy(tensor)) and as_np[name].dtype == as_numpy(tensor).dtype, name
+    assert as_np.specs["bf16"] == Spec("BF16", (3, 5))
+
+
+def test_a_spec_takes_safetensors_dtype_names_only():
+    with pytest.raises(OutputError, match=r"safetensors dtype name .* found 'torch.float32'"):
+        Spec(str(torch.float32), (1,))
+
+
+def test_a_lazy_tensor_that_comes_out_other_than_planned_is_refused(tmp_path):
+    lazy = LazyTensors({"x": Spec("F32", (2,))}, lambda name: np.zeros(2, np.float64))
+    with pytest.raises(OutputError, match=r"tensor 'x' came out as float64 \[2\], planned as F32 \[2\]"):
+        write_safetensors(tmp_path / "x.safetensors", lazy)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unknown_framework_is_refused(tmp_path):
+    write_safetensors(tmp_path / "x.safetensors", {"x": np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match="framework must be 'pt' or 'np'"):
+        TensorFile(tmp_path / "x.safetensors", framework="tf")
+
+
+def test_the_stages_that_only_move_tensors_import_neither_torch_nor_transformers():
+    # Each import costs seconds of every run's start-up (issue 4): remap-weights and build-model move numpy arrays, and
+    # export loads torch and the modelling code only for a float16/bfloat16 export, whose check runs the model.
+    code = (
+        "import sys; import stages.remap_weights, stages.build_model, stages.export; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
