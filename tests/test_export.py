@@ -181,7 +181,7 @@ def test_half_precision_exports_load_and_pass_their_tolerance(dtype_exports, dty
     report = json.loads(report_path.read_text(encoding="utf-8"))
     atol = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["export"]["atol"][dtype]
     assert report["dtype"] == dtype and report["tolerance_atol"] == atol
-    assert report["outputs"] == {name: {"passed": True, "checked_by": f"a {dtype} forward pass of this folder"}
+    assert report["outputs"] == {name: {"passed": True, "checked_by": f"a float32 forward pass of this folder's {dtype} weights"}
                                  for name in ("logits", "conditional_embeddings", "pooled_output")}
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"stored in\n**{dtype}**" in card and f"this export ({dtype}) vs original |" in card
