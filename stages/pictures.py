@@ -24,6 +24,9 @@ LEGEND_HEIGHT = 18
 SHEET_CELL_WIDTH = 320
 SHEET_MAX_COLUMNS = 4
 SHEET_GAP = 4
+# zlib's fastest level: on photo-like pictures four times as fast as its default (6), with files within 1% of its size
+# (overlays come out smaller, grayscale masks larger). zlib's deflate is plain C: the same bytes on every CPU.
+PNG_COMPRESS_LEVEL = 1
 
 
 def probabilities(logits: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -46,12 +49,19 @@ def mask_picture(probability: torch.Tensor):
     return Image.fromarray(quantise(probability), "L")
 
 
-def overlay(image, probability: torch.Tensor, legend: str):
+def rgb_values(image, dtype: torch.dtype) -> torch.Tensor:
+    """The image's pixels as [height, width, 3] values in [0, 1], in `dtype`."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).to(dtype) / 255.0
+
+
+def overlay(image, probability: torch.Tensor, legend: str, rgb: torch.Tensor | None = None):
     """The image darkened where the mask is low, tinted red where it is high, with a legend strip underneath; computed
-    in the probability's dtype."""
+    in the probability's dtype. A caller drawing several overlays of one image passes its `rgb_values` in that dtype,
+    converted once rather than once per overlay."""
     from PIL import Image, ImageDraw
 
-    rgb = torch.from_numpy(np.array(image.convert("RGB"))).to(probability.dtype) / 255.0
+    if rgb is None:
+        rgb = rgb_values(image, probability.dtype)
     p = probability[..., None]
     red = torch.tensor([1.0, 0.1, 0.1], dtype=probability.dtype)
     mixed = rgb * (1 - OVERLAY_ALPHA * p) + red * (OVERLAY_ALPHA * p)
@@ -99,15 +109,16 @@ def prompt_stem(index: int, prompt: str) -> str:
 
 def save_png(picture, path: Path) -> None:
     with atomic_output(path) as handle:
-        picture.save(handle, format="PNG", optimize=False, compress_level=6)
+        picture.save(handle, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
 
 
 def write_mask_pictures(image, logits: torch.Tensor, prompts: Sequence[str], directory: Path) -> list[Path]:
     """One overlay PNG per prompt, named by its position and text; computed in float64 (the same bytes on every CPU)."""
     probs = probabilities(logits, image.size, torch.float64)
+    rgb = rgb_values(image, torch.float64)
     paths = []
     for index, (prompt, probability) in enumerate(zip(prompts, probs, strict=True)):
         path = Path(directory) / f"{prompt_stem(index, prompt)}.png"
-        save_png(overlay(image, probability, prompt), path)
+        save_png(overlay(image, probability, prompt, rgb), path)
         paths.append(path)
     return paths

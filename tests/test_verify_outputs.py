@@ -415,6 +415,23 @@ def test_relative_difference_is_taken_against_the_entry_scale():
     assert all(c.max_rel_diff == pytest.approx(1e-6 / 4.0) for c in comparisons)
 
 
+def test_entries_expanded_on_both_sides_compare_as_their_full_copies():
+    # One image's entries serve every prompt as stride-0 views, compared on one row: the full copies' figures.
+    row = torch.tensor([[[4.0, -2.0, 1e-9]]], dtype=torch.float64)
+    ours_row = (row + torch.tensor([[[0.0, 3e-5, -2e-5]]], dtype=torch.float64)).float()
+    names = ["vision.block0", "decoder.step0.reduce", *verify_outputs.OUTPUTS]
+    expanded = {name: (ours_row.expand(3, -1, -1), row.expand(3, -1, -1)) for name in names}
+    expanded["decoder.step0.reduce"] = (ours_row.expand(3, -1, -1).contiguous(), row.expand(3, -1, -1))  # one side only
+    copies = {name: (ours.contiguous(), ref.contiguous()) for name, (ours, ref) in expanded.items()}
+
+    def compared(pairs):
+        converted, reference = {n: ours for n, (ours, _) in pairs.items()}, {n: ref for n, (_, ref) in pairs.items()}
+        return verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
+
+    assert compared(expanded) == compared(copies)
+    assert compared(expanded)[0].max_abs_diff == (ours_row.double() - row).abs().max().item() > 0
+
+
 def test_non_finite_values_fail_and_are_named():
     reference = {name: torch.zeros(2, 3) for name in verify_outputs.OUTPUTS}
     converted = {**reference, "logits": torch.full((2, 3), math.nan)}
