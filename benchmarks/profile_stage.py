@@ -3,9 +3,10 @@
     python benchmarks/profile_stage.py DIR/project verify-outputs [--variant clipseg-rd64] [--top 25]
     python benchmarks/profile_stage.py DIR/project build-model --imports     # python -X importtime, slowest first
 
-The stage runs exactly as dvc.yaml's cmd, under `python -m cProfile -o DIR/project/profiles/<stage>.prof` (the
-profile can be opened later with pstats or snakeviz). It overwrites that stage's outputs in the copy with the same
-content. Prints the top functions by cumulative and by own time.
+The stage runs with dvc.yaml's cmd's arguments, in a fresh process, its main() under cProfile; the profile is written
+to DIR/project/profiles/<stage>.prof (it can be opened later with pstats or snakeviz). Not `python -m cProfile`: a
+stage ends its process with os._exit (stages.errors.exit_now), before cProfile could write anything. It overwrites
+that stage's outputs in the copy with the same content. Prints the top functions by cumulative and by own time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import VARIANT, VENV_BIN, stage_commands  # noqa: E402
+
+# Run in the project copy: import the stage's module (its imports stay out of the profile: --imports is for them), run
+# its main() under cProfile, write the profile, then end the process as the stage itself would.
+PROFILED_RUN = """
+import cProfile, importlib, sys
+from stages.errors import exit_now
+out, module, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+main = importlib.import_module(module).main
+profile = cProfile.Profile()
+code = profile.runcall(main, argv)
+profile.dump_stats(out)
+exit_now(code)
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return done.returncode
     out = args.project / "profiles" / f"{args.stage}.prof"
     out.parent.mkdir(exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), *argv_stage[1:]], cwd=args.project, env=env, timeout=args.timeout)
+    out.unlink(missing_ok=True)  # a stage that dies before its end writes none: no stale profile to print instead
+    done = subprocess.run([sys.executable, "-c", PROFILED_RUN, str(out), *argv_stage[2:]], cwd=args.project, env=env, timeout=args.timeout)
+    if not out.exists():
+        print(f"{args.stage}: no profile written (exit code {done.returncode}); its error is above", file=sys.stderr)
+        return done.returncode or 1
     stats = pstats.Stats(str(out))
     stats.sort_stats("cumulative").print_stats(args.top)
     stats.sort_stats("tottime").print_stats(args.top)
