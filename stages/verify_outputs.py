@@ -243,11 +243,15 @@ def compare(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch
 
 
 def check_published(model, expected: params_mod.Expected, image, tok, size: int) -> dict[str, dict]:
-    """The published values, through the model's own forward (batch of prompts) and the original preprocessing."""
+    """The published values, through the model's own forward, as a user calls it, and the original preprocessing.
+
+    They are the first prompt's row of a batch of expected.prompts (the image repeated for each). Rows of a batch are
+    computed independently, so only that row is run, its ids tokenized with the whole batch (the padding as it was):
+    the image goes through the vision tower once, not once per prompt."""
     pixels = pixel_values(image, size, expected.image_mean, expected.image_std)
-    ids = token_ids(tok, expected.prompts, expected.padding)
+    ids = {name: tensor[:1] for name, tensor in token_ids(tok, expected.prompts, expected.padding).items()}
     with torch.inference_mode():
-        out = model(pixel_values=pixels.expand(len(expected.prompts), -1, -1, -1), **ids)
+        out = model(pixel_values=pixels, **ids)
     n = len(expected.logits)
     got = {
         "logits": out.logits[0, :n, :n],

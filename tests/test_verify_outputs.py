@@ -31,7 +31,7 @@ VARIANT = "v"
 SEED = 0
 # Of different lengths, so padding and the pooled position differ between prompts.
 PROMPTS = ["a cat", "two cats sitting on a pink blanket", "remote"]
-# Full size: the image goes through the vision tower once per prompt, as a user's forward pass does; two suffice.
+# Full size: two prompts of different lengths suffice (the text tower and the decoder run once per prompt).
 FULL_SIZE_PROMPTS = PROMPTS[:2]
 
 
@@ -148,6 +148,39 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith(f"{verify_outputs.STAGE} {VARIANT}: error: ")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def test_published_values_are_checked_through_the_models_forward_on_their_first_prompt(tiny, tmp_path):
+    from stages.inputs import load_image, pixel_values, token_ids, tokenizer
+
+    # Values published the way transformers' conversion computed them: a batch of prompts, the image repeated for each.
+    params = yaml.safe_load(tiny.params.read_text(encoding="utf-8"))
+    prompts, half = ["a remote", "two cats sitting on a pink blanket", "cat"], [0.5, 0.5, 0.5]
+    model = verify_outputs.load_model(tiny.model)
+    image, tok = load_image(tiny.original / "image"), tokenizer(tiny.original)
+    with torch.inference_mode():
+        pixels = pixel_values(image, params["processor"]["image_size"], half, half)
+        out = model(pixel_values=pixels.expand(len(prompts), -1, -1, -1), **token_ids(tok, prompts, "max_length"))
+    published = {
+        "prompts": prompts, "padding": "max_length", "image_mean": half, "image_std": half, "atol": 1e-4,
+        "logits": out.logits[0, :3, :3].tolist(), "conditional_embeddings": out.conditional_embeddings[0, :3].tolist(),
+        "pooled_output": out.pooled_output[0, :3].tolist(),
+    }  # fmt: skip
+
+    def run_with(expected: dict, name: str) -> Verified:
+        params["models"][VARIANT]["expected"] = expected
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+        return run_verify(tiny, tmp_path / name, params=tmp_path / f"{name}.yaml")
+
+    # The stage runs the first prompt alone, the image once: its row is the batch's.
+    agrees = run_with(published, "agrees")
+    assert agrees.code == 0, agrees.stderr
+    assert agrees.metrics["published_check"] == {name: {"passed": True, "tolerance": 1e-4} for name in verify_outputs.OUTPUTS}
+    off = run_with({**published, "pooled_output": [published["pooled_output"][0] + 0.01, *published["pooled_output"][1:]]}, "off")
+    assert off.code == 1
+    assert "the published check values differ for ['pooled_output']" in error_line(off.stderr)
+    assert off.metrics["published_check"]["pooled_output"] == {"max_abs_diff": 0.01, "passed": False, "tolerance": 1e-4}
+    assert off.metrics["passed"] is False
 
 
 def tampered(built: Built, dest: Path, tensors: Callable[[dict], None] | None = None,
