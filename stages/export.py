@@ -10,8 +10,9 @@ verify-outputs' token ids for its prompts; config.json describes exactly the ten
 export holds the verified weights themselves, so verify-outputs' comparison is its own; a float16 or bfloat16 export is
 loaded with from_pretrained, its weights as stored computed in float32 on verify-outputs' inputs, and compared with the
 reference within the dtype's tolerance (check_outputs says why float32). Only that case imports torch and
-transformers' modelling code (seconds of start-up), so a float32 export stays quick. The image processor settings in preprocessor_config.json are
-loaded by transformers' CLIPSegProcessor in tests/test_export.py (importing it costs about 6 s).
+transformers' modelling code (seconds of start-up), so a float32 export stays quick. The image processor settings in
+preprocessor_config.json are loaded by transformers' CLIPSegProcessor in tests/test_export.py (importing it costs
+about 6 s).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from .errors import PipelineError
 
 # The largest safetensors header we accept (the format itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
-# safetensors' dtype names, keyed by the dtype's own name (torch.float32 and numpy's float32 are both "float32"), with
-# each one's size in bytes; a tensor of any other dtype is refused.
+# safetensors' dtype names, keyed by the dtype's own name (torch.float32 and numpy's float32 are both "float32"); a
+# tensor of any other dtype is refused. Then each one's size in bytes.
 DTYPE_NAMES = {
     "float64": "F64",
     "float32": "F32",
@@ -172,7 +172,10 @@ def spec_of(tensors: Mapping[str, Any], name: str) -> Spec:
     if isinstance(tensors, (LazyTensors, TensorFile)):
         return tensors.specs[name]
     tensor = tensors[name]
-    return Spec(stored_dtype(tensor), tuple(tensor.shape))
+    try:
+        return Spec(stored_dtype(tensor), tuple(tensor.shape))
+    except OutputError as exc:
+        raise OutputError(f"tensor {name!r}: {exc}") from exc
 
 
 def _order(specs: Mapping[str, Spec]) -> list[str]:

@@ -49,6 +49,12 @@ def test_a_spec_takes_safetensors_dtype_names_only():
         Spec(str(torch.float32), (1,))
 
 
+def test_a_tensor_safetensors_cannot_store_is_named_and_nothing_is_written(tmp_path):
+    with pytest.raises(OutputError, match=r"tensor 'odd': dtype torch.complex64 cannot be stored in safetensors"):
+        write_safetensors(tmp_path / "x.safetensors", {"fine": torch.zeros(1), "odd": torch.zeros(1, dtype=torch.complex64)})
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_lazy_tensor_that_comes_out_other_than_planned_is_refused(tmp_path):
     lazy = LazyTensors({"x": Spec("F32", (2,))}, lambda name: np.zeros(2, np.float64))
     with pytest.raises(OutputError, match=r"tensor 'x' came out as float64 \[2\], planned as F32 \[2\]"):
