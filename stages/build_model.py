@@ -17,7 +17,7 @@ import numpy as np
 
 from . import params as params_mod
 from .errors import exit_now, run_stage
-from .hf_layout import check_shapes, config_dict, state_dict_shapes
+from .hf_layout import BuildError, check_shapes, config_dict, state_dict_shapes
 from .tensor_io import LazyTensors, Spec, TensorFile, write_json, write_safetensors
 
 STAGE = "build-model"
@@ -31,13 +31,17 @@ def weights_metadata(variant: str, dtype: str, source_sha256: str) -> dict[str, 
     return {"format": "pt", "variant": variant, "dtype": dtype, "source_sha256": source_sha256}
 
 
+# The stored dtypes a weight may come in (safetensors' names); build-model makes each float32.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 def to_float32(array: np.ndarray, stored: str) -> np.ndarray:
     """A tensor read with TensorFile "np" as float32: exact from float16 and bfloat16 (whose raw bits are float32's top
     half), no copy when it already is float32."""
     if stored == "BF16":
         return (array.astype(np.uint32) << 16).view(np.float32)
-    if stored not in ("F32", "F16", "F64"):
-        raise ValueError(f"a weight stored as {stored} cannot become a float32 weight")
+    if stored not in FLOAT_DTYPES:
+        raise BuildError(f"a weight stored as {stored} cannot become a float32 weight")
     return array.astype(np.float32, copy=False)
 
 
@@ -52,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         model_params = params_mod.load(args.params).model(args.variant)
         source = TensorFile(args.remapped, framework="np")
         check_shapes(state_dict_shapes(model_params.architecture), {name: spec.shape for name, spec in source.specs.items()})
+        not_float = sorted(f"{name} ({spec.dtype})" for name, spec in source.specs.items() if spec.dtype not in FLOAT_DTYPES)
+        if not_float:
+            raise BuildError(
+                f"{args.remapped}: weights that are not floating point: {not_float}; rerun remap-weights on the original "
+                "checkpoint (its weights are float16 or float32)"
+            )
         tensors = LazyTensors(
             {name: Spec("F32", spec.shape) for name, spec in source.specs.items()},
             lambda name: to_float32(source[name], source.specs[name].dtype),

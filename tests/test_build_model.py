@@ -57,6 +57,14 @@ def test_bfloat16_and_float64_sources_become_exactly_their_float32_values(remapp
         assert torch.equal(built[name], tensor.float()), name
 
 
+def test_weights_that_are_not_floating_point_are_named_and_nothing_is_written(remapped, tmp_path, capsys):
+    tensors = dict(remapped, **{"decoder.film_mul.bias": remapped["decoder.film_mul.bias"].to(torch.int32)})
+    code, out = run(tmp_path, tensors)
+    assert code == 1
+    assert "weights that are not floating point: ['decoder.film_mul.bias (I32)']" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
