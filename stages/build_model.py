@@ -18,7 +18,7 @@ import numpy as np
 from . import params as params_mod
 from .errors import exit_now, run_stage
 from .hf_layout import BuildError, check_shapes, config_dict, state_dict_shapes
-from .tensor_io import LazyTensors, Spec, TensorFile, write_json, write_safetensors
+from .tensor_io import LazyTensors, Spec, TensorFile, dtype_name, write_json, write_safetensors
 
 STAGE = "build-model"
 # The working precision of the converted model; export may store it in another dtype.
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint (its weights are float16 or float32)"
             )
         tensors = LazyTensors(
-            {name: Spec("F32", spec.shape) for name, spec in source.specs.items()},
+            {name: Spec(dtype_name(BUILD_DTYPE), spec.shape) for name, spec in source.specs.items()},
             lambda name: to_float32(source[name], source.specs[name].dtype),
         )
         # The metadata an export in this dtype carries too, so that export can pass this very file on (export.py).
