@@ -77,7 +77,7 @@ def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) 
     return image_processor(size, mean, std)(images=image, return_tensors="pt")["pixel_values"]
 
 
-def token_ids(tok, prompts: Sequence[str | bytes], padding: str = "longest", tensors: str = "pt") -> dict[str, torch.Tensor]:
+def token_ids(tok, prompts: Sequence[str | bytes], padding: str = "longest", tensors: str = "pt") -> dict:
     """{"input_ids", "attention_mask"} [P, L] for the prompts, as torch tensors (`tensors` "pt") or numpy arrays ("np")."""
     if isinstance(prompts, (str, bytes)):
         raise InputError(f"expected a list of prompts, got the single text {prompts[:60]!r}; pass [text]")

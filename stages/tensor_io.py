@@ -29,7 +29,7 @@ from .errors import PipelineError
 # The largest safetensors header we accept (the format itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 # safetensors' dtype names, keyed by the dtype's own name (torch.float32 and numpy's float32 are both "float32"); a
-# tensor of any other dtype is refused. Then each one's size in bytes.
+# tensor of any other dtype is refused.
 DTYPE_NAMES = {
     "float64": "F64",
     "float32": "F32",
@@ -42,8 +42,8 @@ DTYPE_NAMES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-# numpy has no bfloat16: a BF16 tensor read or written as a numpy array travels as its raw 16 bits, in uint16.
+# The numpy dtype holding each one's elements (and so giving its size in bytes). numpy has no bfloat16: a BF16 tensor
+# read or written as a numpy array travels as its raw 16 bits, in uint16.
 _NUMPY = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64", "I32": "int32",
           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -119,12 +119,12 @@ class Spec:
     shape: tuple[int, ...]
 
     def __post_init__(self):
-        if self.dtype not in ITEM_BYTES:
-            raise OutputError(f"Spec dtype must be a safetensors dtype name {sorted(ITEM_BYTES)}, found {self.dtype!r}")
+        if self.dtype not in _NUMPY:
+            raise OutputError(f"Spec dtype must be a safetensors dtype name {sorted(_NUMPY)}, found {self.dtype!r}")
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEM_BYTES[self.dtype]
+        return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
 
 
 def stored_dtype(tensor) -> str:
@@ -181,7 +181,7 @@ def spec_of(tensors: Mapping[str, Any], name: str) -> Spec:
 def _order(specs: Mapping[str, Spec]) -> list[str]:
     # Largest element size first, then by name: every data offset stays aligned to its dtype (as safetensors does),
     # and the order does not depend on how the mapping was built, so the bytes are reproducible.
-    return sorted(specs, key=lambda name: (-ITEM_BYTES[specs[name].dtype], name))
+    return sorted(specs, key=lambda name: (-numpy_dtype(specs[name].dtype).itemsize, name))
 
 
 def _header(specs: Mapping[str, Spec], names: list[str], metadata: Mapping[str, str]) -> bytes:
