@@ -156,10 +156,10 @@ def check_loadable(out: Path) -> None:
     check_shapes(state_dict_shapes(arch), {name: spec.shape for name, spec in exported.specs.items()})
 
 
-def check_outputs(out: Path, reference: TensorFile, atol: float, threads: int) -> dict:
-    """A float16/bfloat16 export, loaded with from_pretrained and fed verify-outputs' inputs, gives the reference
-    outputs within `atol` (the error its weights' rounding makes); returns {output: {"max_abs_diff": exact figure,
-    "passed": bool}}.
+def check_outputs(out: Path, reference: TensorFile, dtype: str, atol: float, threads: int) -> dict:
+    """A float16/bfloat16 export (`dtype`), loaded with from_pretrained and fed verify-outputs' inputs, gives the
+    reference outputs within `atol` (the error its weights' rounding makes); returns {output: {"max_abs_diff": exact
+    figure, "passed": bool}}.
 
     The weights are checked as stored, and computed in float32: what this folder holds is its weights, while the
     arithmetic a user's runtime does in float16 or bfloat16 is its own (a GPU's kernels round otherwise than a CPU's),
@@ -182,7 +182,7 @@ def check_outputs(out: Path, reference: TensorFile, atol: float, threads: int) -
     failed = sorted(name for name, r in results.items() if not r["passed"])
     if failed:
         raise ExportError(
-            f"the exported model in {out} (its {TensorFile(out / 'model.safetensors').metadata.get('dtype')} weights) "
+            f"the exported model in {out} (its {dtype} weights) "
             f"differs from the reference in {failed} beyond {atol} "
             f"({ {n: results[n]['max_abs_diff'] for n in failed} }); raise export.atol for this dtype in params.yaml "
             "or export float32"
@@ -198,7 +198,7 @@ def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype:
     if dtype == "float32":
         check_loadable(out)
         return {name: {**verify_report["outputs"][name], "checked_by": "verify-outputs (the same float32 weights)"} for name in OUTPUTS}
-    results = check_outputs(out, TensorFile(reference_file), atol, threads)
+    results = check_outputs(out, TensorFile(reference_file), dtype, atol, threads)
     print_figures(STAGE, {f"{name} ({dtype})": (r["max_abs_diff"], atol) for name, r in results.items()})
     return {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": f"a float32 forward pass of this folder's {dtype} weights"} for name, r in results.items()}
 
