@@ -51,13 +51,13 @@ def _tensor(weights: _Weights, key: str, shape: Sequence[int], cast: bool = True
             f"reference: tensor '{key}' is missing (expected shape {list(shape)}); "
             "pass the original CLIP and decoder tensors under their original key names"
         )
-    found = list(weights.tensors[key].shape)
-    if found != list(shape):
+    tensor = weights.tensors[key]  # read once: from a TensorFile every lookup reads the file
+    if list(tensor.shape) != list(shape):
         raise ValueError(
-            f"reference: tensor '{key}' has shape {found}, expected {list(shape)} from arch; "
+            f"reference: tensor '{key}' has shape {list(tensor.shape)}, expected {list(shape)} from arch; "
             "check that the arch parameters match the checkpoint variant"
         )
-    return weights.tensors[key].to(weights.dtype) if cast else weights.tensors[key]
+    return tensor.to(weights.dtype) if cast else tensor
 
 
 def _group(weights: _Weights, prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
@@ -97,12 +97,10 @@ def _mha(x: Tensor, in_w: Tensor, in_b: Tensor, out_w: Tensor, out_b: Tensor, he
     head_dim = width // heads
     q, k, v = F.linear(x, in_w, in_b).chunk(3, dim=-1)
     q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5
-    if causal:
-        # CLIP's text mask: position i sees only j <= i, so padding after the end token never leaks back.
-        future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    out = scores.softmax(dim=-1) @ v
+    # softmax(q k^T / sqrt(head_dim)) v, through the kernel nn.MultiheadAttention itself calls when, as in CLIP and the
+    # decoder, no attention weights are asked for. CLIP's text mask is causal: position i sees only j <= i, so padding
+    # after the end token never leaks back.
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=head_dim**-0.5)
     return F.linear(out.transpose(1, 2).reshape(batch, tokens, width), out_w, out_b)
 
 

@@ -161,6 +161,9 @@ class LazyTensors(Mapping[str, Any]):
             raise OutputError(f"tensor {name!r} came out as {tensor.dtype} {list(tensor.shape)}, planned as {spec.dtype} {list(spec.shape)}")
         return tensor
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would produce the tensor to find out
+        return name in self.specs
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.specs)
 
@@ -274,6 +277,9 @@ class TensorFile(Mapping[str, Any]):
 
         tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if spec.dtype == "BF16" else tensor
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the whole tensor to find out
+        return name in self.specs
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self.specs))

@@ -383,6 +383,25 @@ def test_one_image_for_many_prompts_equals_one_prompt_at_a_time(conditional_laye
     torch.testing.assert_close(together["logits"], repeated["logits"])
 
 
+class _CountingLookups(dict):
+    """Original tensors that count how often each is looked up (from a TensorFile, every lookup reads the file)."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.lookups: dict[str, int] = {}
+
+    def __getitem__(self, key):
+        self.lookups[key] = self.lookups.get(key, 0) + 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("arch", [ARCH, REFINED_ARCH], ids=["plain", "refined"])
+def test_the_forward_pass_looks_up_each_original_tensor_once(arch):
+    tensors = _CountingLookups(make_tensors(arch))
+    reference.reference_forward(tensors, arch, _pixels(352), PROMPTS, torch.float64)
+    assert tensors.lookups == dict.fromkeys(_shapes(arch), 1)
+
+
 def test_missing_key_names_the_key():
     tensors = make_tensors()
     del tensors["blocks.2.norm2.bias"]

@@ -62,6 +62,19 @@ def test_a_lazy_tensor_that_comes_out_other_than_planned_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_asking_whether_a_name_is_there_reads_no_tensor(tmp_path):
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {"x": np.zeros(3, np.float32)})
+    stored = TensorFile(path)
+    path.write_bytes(b"")  # any read of a tensor would now fail as truncated
+    assert "x" in stored and "y" not in stored
+    with pytest.raises(OutputError, match="truncated inside tensor 'x'"):
+        stored["x"]
+    produced = []
+    lazy = LazyTensors({"x": Spec("F32", (2,))}, lambda name: produced.append(name) or np.zeros(2, np.float32))
+    assert "x" in lazy and "y" not in lazy and produced == []
+
+
 def test_an_unknown_framework_is_refused(tmp_path):
     write_safetensors(tmp_path / "x.safetensors", {"x": np.zeros(1, np.float32)})
     with pytest.raises(ValueError, match="framework must be 'pt' or 'np'"):
