@@ -7,12 +7,14 @@ other file's size and sha256). The same inputs give the same bytes.
 
 What is checked before the folder is moved into place: its tokenizer, loaded by transformers' CLIPTokenizer, gives
 verify-outputs' token ids for its prompts; config.json describes exactly the tensors in model.safetensors. A float32
-export holds the verified weights themselves, so verify-outputs' comparison is its own; a float16 or bfloat16 export is
-loaded with from_pretrained, its weights as stored computed in float32 on verify-outputs' inputs, and compared with the
-reference within the dtype's tolerance (check_outputs says why float32). Only that case imports torch and
-transformers' modelling code (seconds of start-up), so a float32 export stays quick. The image processor settings in
-preprocessor_config.json are loaded by transformers' CLIPSegProcessor in tests/test_export.py (importing it costs
-about 6 s).
+export holds the verified weights themselves, so verify-outputs' comparison is its own; the weights of a float16 or
+bfloat16 export are read back from its model.safetensors, mapped to the original layout (remap-weights' rules run
+backwards) and run through the reference forward pass in float32 on verify-outputs' inputs, within the dtype's
+tolerance of the reference outputs (check_outputs says why float32). Only that case imports torch; no export imports
+transformers' modelling code (seconds of start-up): verify-outputs ran the converted model's own forward pass on these
+weights before their rounding, and tests/test_export.py loads every dtype's export with from_pretrained and runs it.
+The image processor settings in preprocessor_config.json are loaded by transformers' CLIPSegProcessor there too
+(importing it costs about 6 s).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from .build_model import weights_metadata
 from .errors import PipelineError, exit_now, run_stage
 from .hf_layout import architecture_of, check_shapes, state_dict_shapes
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
+from .original import clip_shapes, decoder_shapes
 from .recording import OUTPUTS, print_figures, recorded
+from .remap_weights import OriginalLayout
 from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
 
 STAGE = "export"
@@ -140,10 +144,11 @@ def check_tokenizer(out: Path, reference: TensorFile, prompts: Sequence[str]) ->
             )
 
 
-def check_loadable(out: Path) -> None:
-    """config.json describes a model whose state dict is exactly model.safetensors' tensors, as from_pretrained needs.
-    The config's reading and the state dict's layout come from hf_layout, which tests hold to transformers'
-    CLIPSegConfig and model, so a float32 export need not import transformers' modelling code: seconds of start-up.
+def check_loadable(out: Path) -> dict:
+    """config.json describes a model whose state dict is exactly model.safetensors' tensors, as from_pretrained needs;
+    returns the architecture it describes. The config's reading and the state dict's layout come from hf_layout, which
+    tests hold to transformers' CLIPSegConfig and model, so the export need not import transformers' modelling code:
+    seconds of start-up.
 
     A float32 export holds the verified model's very bytes (write_weights), so verify-outputs' comparison is this
     folder's: checking that it loads needs no second forward pass.
@@ -154,31 +159,33 @@ def check_loadable(out: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{out / 'config.json'}: not a CLIPSeg config ({exc!r}); rerun build-model") from exc
     check_shapes(state_dict_shapes(arch), {name: spec.shape for name, spec in exported.specs.items()})
+    return arch
 
 
-def check_outputs(out: Path, reference: TensorFile, dtype: str, atol: float, threads: int) -> dict:
-    """A float16/bfloat16 export (`dtype`), loaded with from_pretrained and fed verify-outputs' inputs, gives the
-    reference outputs within `atol` (the error its weights' rounding makes); returns {output: {"max_abs_diff": exact
-    figure, "passed": bool}}.
+def check_outputs(out: Path, arch: Mapping, reference: TensorFile, dtype: str, atol: float, threads: int) -> dict:
+    """A float16/bfloat16 export (`dtype`) computes the reference outputs within `atol` (the error its weights' rounding
+    makes) on verify-outputs' inputs; returns {output: {"max_abs_diff": exact figure, "passed": bool}}.
 
-    The weights are checked as stored, and computed in float32: what this folder holds is its weights, while the
-    arithmetic a user's runtime does in float16 or bfloat16 is its own (a GPU's kernels round otherwise than a CPU's),
-    and a CPU without bfloat16 instructions emulates it about ten times slower (14 s instead of 1.3 s at full size).
+    Its weights are read back from the folder's model.safetensors, exactly as stored, mapped to the original layout and
+    run through the reference forward pass (stages/reference.py) of the architecture `arch` its config.json describes.
+    That this layout is what transformers' model computes with, verify-outputs showed by running the converted model
+    itself on the same weights before rounding (and tests/test_export.py runs each export with from_pretrained). The
+    weights are computed in float32: what this folder holds is its weights, while the arithmetic a user's runtime does
+    in float16 or bfloat16 is its own (a GPU's kernels round otherwise than a CPU's), and a CPU without bfloat16
+    instructions emulates it about ten times slower.
     """
     import torch
-    from transformers import CLIPSegForImageSegmentation  # only float16/bfloat16 exports run the model
 
-    from .verify_outputs import hf_outputs
+    from .reference import reference_forward
 
     torch.set_num_threads(threads)  # params verify.threads: a fixed count keeps the last bits the same everywhere
-    # Loaded as a user loads it (in the stored dtype), then widened to float32, exactly: it computes with precisely
-    # the weights in the file.
-    model = CLIPSegForImageSegmentation.from_pretrained(out).float().eval()
-    got = hf_outputs(model, reference["pixel_values"], reference["input_ids"], reference["attention_mask"])
+    original = OriginalLayout(TensorFile(out / "model.safetensors"), clip_shapes(arch) | decoder_shapes(arch))
+    with torch.inference_mode():
+        got = reference_forward(original, arch, reference["pixel_values"], reference["input_ids"], torch.float32)
     results = {}
     for name in OUTPUTS:
-        diff = (got[name].float() - reference[name].float()).abs().max().item()
-        results[name] = {"max_abs_diff": diff, "passed": diff <= atol}
+        diff = (got[name] - reference[name]).abs().max().item()
+        results[name] = {"max_abs_diff": diff, "passed": diff <= atol}  # NaN compares False: fails
     failed = sorted(name for name, r in results.items() if not r["passed"])
     if failed:
         raise ExportError(
@@ -193,14 +200,15 @@ def check_outputs(out: Path, reference: TensorFile, dtype: str, atol: float, thr
 def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype: str, atol: float, verify_report: Mapping, threads: int) -> dict:
     """Hold the folder to what verify-outputs checked; per output, the comparison with the reference as the report
     records it (see recording.recorded): for float32, verify-outputs' own, the weights being identical; for
-    float16/bfloat16, a forward pass of this folder's weights (its exact figures go to stderr)."""
+    float16/bfloat16, the reference forward pass run on this folder's weights (its exact figures go to stderr)."""
     check_tokenizer(out, TensorFile(reference_file, framework="np"), prompts)
+    arch = check_loadable(out)
     if dtype == "float32":
-        check_loadable(out)
         return {name: {**verify_report["outputs"][name], "checked_by": "verify-outputs (the same float32 weights)"} for name in OUTPUTS}
-    results = check_outputs(out, TensorFile(reference_file), dtype, atol, threads)
+    results = check_outputs(out, arch, TensorFile(reference_file), dtype, atol, threads)
     print_figures(STAGE, {f"{name} ({dtype})": (r["max_abs_diff"], atol) for name, r in results.items()})
-    return {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": f"a float32 forward pass of this folder's {dtype} weights"} for name, r in results.items()}
+    checked_by = f"the reference forward pass, in float32, on this folder's {dtype} weights"
+    return {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": checked_by} for name, r in results.items()}
 
 
 def read_report(path: Path, stage: str) -> dict:
@@ -280,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             "note": (
                 "outputs: each output against verify-outputs' float64 reference, recorded as passed without its figure "
                 "(its last bits change with the CPU, and this file must not); a float32 export is the verified weights "
-                "themselves, a float16 or bfloat16 one was loaded and run (its weights as stored, computed in float32), and "
-                "export printed its figures on stderr"
+                "themselves, a float16 or bfloat16 one was read back and run through the reference forward pass (its weights "
+                "as stored, computed in float32), and export printed its figures on stderr"
             ),
             "outputs": results,
             "files": len(manifest["files"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,43 @@ def stream(source: Mapping[str, Tensor], original_names: Mapping[str, str], plan
         return apply(name)[index]
 
     return LazyTensors({name: Spec(stored_dtype(t), tuple(t.shape)) for name, t in plan.items()}, produce)
+
+
+# Each surgery's inverse, from the converted tensors a rule produced (in the order it produced them) back to the
+# original tensor.
+INVERSES: dict[Callable, Callable[[list[Tensor]], Tensor]] = {
+    identity: lambda parts: parts[0],
+    transpose: lambda parts: transpose(parts[0]),
+    split_qkv: lambda parts: join_qkv(*parts),
+}
+
+
+class OriginalLayout(Mapping[str, Tensor]):
+    """Converted tensors (Hugging Face names, e.g. an exported model.safetensors) seen under the original names
+    `names`: each one rebuilt by running its rule backwards, when it is read. The reference, which reads original
+    names, can so run on what a converted file holds. A name whose rule drops it, or whose converted tensors are not
+    all there, is absent."""
+
+    def __init__(self, converted: Mapping[str, Tensor], names: Iterable[str], rules: tuple[Rule, ...] = RULES):
+        self._converted = converted
+        self._parts: dict[str, tuple[Callable, tuple[str, ...]]] = {}
+        for name, (rule, groups) in match_rules(sorted(names), rules).items():
+            targets = tuple(template.format(*groups) for template in rule.targets)
+            if targets and all(target in converted for target in targets):
+                self._parts[name] = (INVERSES[rule.op], targets)
+
+    def __getitem__(self, name: str) -> Tensor:
+        inverse, targets = self._parts[name]
+        return inverse([self._converted[target] for target in targets])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,7 +157,7 @@ def hf_outputs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, atten
     """The converted model's three outputs for one image [1, 3, H, W] and P prompts, the image encoded once for all.
 
     The calls CLIPSegForImageSegmentation.forward makes, without encoding the image again for every prompt (the vision
-    tower is most of the cost); verify-outputs, export and segment use it. The published checks run the model's own
+    tower is most of the cost); verify-outputs and segment use it. The published checks run the model's own
     forward, as a user calls it (`check_published`).
     """
     with torch.inference_mode():
@@ -324,8 +324,8 @@ def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: 
 def load_model(directory: Path):
     """The converted model, refusing a folder whose weights do not fit its config.json: from_pretrained would fill
     missing or misshapen weights with random values and drop unexpected ones, with only a warning."""
-    # Imported here, not at the top: export uses this module's comparison helpers without loading a float32 model, and
-    # transformers' modelling code costs seconds of start-up.
+    # Imported here, not at the top: segment and the tests use this module's helpers, and transformers' modelling code
+    # costs seconds of start-up (main imports it with the rest of the stage's start-up).
     from transformers import CLIPSegForImageSegmentation
 
     try:

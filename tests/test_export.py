@@ -169,8 +169,10 @@ def test_two_exports_of_the_same_inputs_are_byte_identical(tiny_pipeline, tmp_pa
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_exports_load_and_pass_their_tolerance(dtype_exports, dtype):
+def test_half_precision_exports_load_and_pass_their_tolerance(tiny_pipeline, dtype_exports, dtype):  # noqa: F811
     from transformers import CLIPSegForImageSegmentation
+
+    from stages.verify_outputs import hf_outputs
 
     out, report_path = dtype_exports[dtype]
     weights = TensorFile(out / "model.safetensors")
@@ -181,11 +183,30 @@ def test_half_precision_exports_load_and_pass_their_tolerance(dtype_exports, dty
     report = json.loads(report_path.read_text(encoding="utf-8"))
     atol = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["export"]["atol"][dtype]
     assert report["dtype"] == dtype and report["tolerance_atol"] == atol
-    assert report["outputs"] == {name: {"passed": True, "checked_by": f"a float32 forward pass of this folder's {dtype} weights"}
+    assert report["outputs"] == {name: {"passed": True, "checked_by": f"the reference forward pass, in float32, on this folder's {dtype} weights"}
                                  for name in ("logits", "conditional_embeddings", "pooled_output")}
+    # The stage ran the reference on the folder's weights; transformers, running them as a user loads them, agrees.
+    reference = TensorFile(tiny_pipeline.reference)
+    got = hf_outputs(model.float().eval(), reference["pixel_values"], reference["input_ids"], reference["attention_mask"])
+    for name in ("logits", "conditional_embeddings", "pooled_output"):
+        assert (got[name] - reference[name]).abs().max().item() <= atol, name
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"stored in\n**{dtype}**" in card and f"this export ({dtype}) vs original |" in card
     assert f"| logits | within 0.0001 | within {atol:g} |" in card
+
+
+def test_a_half_precision_export_imports_torch_but_not_transformers_modelling_code(tiny_pipeline, tmp_path):  # noqa: F811
+    argv = tiny_pipeline.export_argv(tmp_path / "hf", tmp_path / "export.json", write_params(tmp_path / "params.yaml", dtype="bfloat16"))
+    code = (
+        "import json, sys\n"
+        "from stages import export\n"
+        f"code = export.main({argv!r})\n"
+        "print(json.dumps([code, 'torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('transformers.models.clipseg'))]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [0, True, []]
+    assert json.loads((tmp_path / "export.json").read_text(encoding="utf-8"))["outputs"]["logits"]["passed"] is True
 
 
 def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, tmp_path, capsys):  # noqa: F811

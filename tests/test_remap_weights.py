@@ -10,6 +10,7 @@ import torch
 
 from stages.remap_weights import (
     RULES,
+    OriginalLayout,
     RemapError,
     Rule,
     check_architecture,
@@ -118,6 +119,33 @@ def test_values_travel_to_the_right_targets():
     assert torch.equal(target["clip.visual_projection.weight"], torch.arange(6.0).reshape(3, 2).t())
     assert torch.equal(target["decoder.layers.2.mlp.fc1.bias"], torch.tensor([5.0]))
     assert report.mapped["visual.proj"] == ["clip.visual_projection.weight"]
+
+
+@pytest.mark.parametrize("refined", [False, True], ids=["plain", "refined"])
+def test_the_original_layout_rebuilds_every_mapped_tensor_from_the_converted_ones(refined):
+    from stages import reference
+    from tests.test_reference import ARCH, REFINED_ARCH, make_tensors
+
+    tiny = REFINED_ARCH if refined else ARCH
+    original = make_tensors(tiny) | {"logit_scale": torch.tensor(4.6), "reduce.weight": torch.zeros(2, 2)}
+    converted, report = remap(original)
+    layout = OriginalLayout(converted, original)
+    assert sorted(layout) == sorted(report.mapped) and "reduce.weight" not in layout
+    for name in report.mapped:
+        assert layout[name].shape == original[name].shape and torch.equal(layout[name], original[name]), name
+    pixels, ids = torch.randn(1, 3, 224, 224), torch.tensor([[1, 5, 63, 0], [1, 63, 0, 0]])
+    ours, theirs = (reference.reference_forward(t, tiny, pixels, ids) for t in (layout, original))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_an_original_name_whose_converted_tensors_are_not_all_there_is_absent():
+    original = {"visual.proj": torch.randn(3, 2), "blocks.0.self_attn.in_proj_bias": torch.randn(6)}
+    converted, _ = remap(original)
+    del converted["decoder.layers.0.self_attn.v_proj.bias"]
+    layout = OriginalLayout(converted, original)
+    assert list(layout) == ["visual.proj"] and "blocks.0.self_attn.in_proj_bias" not in layout
+    with pytest.raises(KeyError):
+        layout["blocks.0.self_attn.in_proj_bias"]
 
 
 def test_unknown_key_is_an_error_listing_it():
