@@ -59,8 +59,8 @@ TARGETS = {
     "export_change": 0.6,  # x baseline end-to-end
 }
 # Export-only changes measured by default, in this order: a setting that keeps the float32 export (its tolerance, which
-# the report and model card quote), then a dtype change, which writes the bfloat16 file and loads it with transformers
-# to run its weights (in float32) against the reference.
+# the report and model card quote), then a dtype change, which writes the bfloat16 file and reads it back to run its
+# weights (in float32) through the reference forward pass against verify-outputs' reference outputs.
 EXPORT_CHANGES = ("export.atol.float32=0.0002", f"models.{VARIANT}.export.dtype=bfloat16")
 
 
