@@ -180,8 +180,12 @@ def check_outputs(out: Path, arch: Mapping, reference: TensorFile, dtype: str, a
 
     torch.set_num_threads(threads)  # params verify.threads: a fixed count keeps the last bits the same everywhere
     original = OriginalLayout(TensorFile(out / "model.safetensors"), clip_shapes(arch) | decoder_shapes(arch))
-    with torch.inference_mode():
-        got = reference_forward(original, arch, reference["pixel_values"], reference["input_ids"], torch.float32)
+    try:
+        with torch.inference_mode():
+            got = reference_forward(original, arch, reference["pixel_values"], reference["input_ids"], torch.float32)
+    except ValueError as exc:
+        raise ExportError(f"the weights in {out / 'model.safetensors'} cannot run as the model its config.json describes "
+                          f"({exc}); rerun build-model and export") from exc
     results = {}
     for name in OUTPUTS:
         diff = (got[name] - reference[name]).abs().max().item()

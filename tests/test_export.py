@@ -209,6 +209,14 @@ def test_a_half_precision_export_imports_torch_but_not_transformers_modelling_co
     assert json.loads((tmp_path / "export.json").read_text(encoding="utf-8"))["outputs"]["logits"]["passed"] is True
 
 
+def test_weights_that_do_not_fit_the_architecture_are_named_not_run(tiny_pipeline, dtype_exports):  # noqa: F811
+    out, _ = dtype_exports["bfloat16"]
+    arch = export.check_loadable(out)
+    wrong = {**arch, "projection_dim": arch["projection_dim"] * 2}
+    with pytest.raises(export.ExportError, match=r"cannot run as the model its config.json describes .*'visual.proj' has shape"):
+        export.check_outputs(out, wrong, TensorFile(tiny_pipeline.reference), "bfloat16", 0.25, 2)
+
+
 def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, tmp_path, capsys):  # noqa: F811
     code, out, report = export_with_dtype(tiny_pipeline, tmp_path, "bfloat16", atol=1e-9)
     assert code == 1
