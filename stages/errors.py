@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -11,6 +12,30 @@ from collections.abc import Callable
 
 # Set by the benchmark: a file to which each stage appends one JSON line with its timings.
 TIMINGS_ENV = "CLIPSEG_TIMINGS"
+
+
+# glibc malloc's settings (malloc.h): M_TRIM_THRESHOLD is how much free memory the top of the heap may keep before it is
+# handed back to the kernel, M_MMAP_THRESHOLD the size from which a block gets its own mapping, unmapped when freed.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest allowed value
+TRIM_THRESHOLD_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a stage frees, for its next tensors, instead of returning it to the kernel.
+
+    The stages allocate and free tensors of up to tens of MB, block after block (the reference casts each block's
+    weights, the models allocate each layer's activations). By default glibc maps every such block on its own and unmaps
+    it when freed, so each new tensor costs a page fault per 4 KB of it: in a virtual machine, a large part of
+    verify-outputs' work. Kept, the freed blocks are reused; the peak resident memory stays what it was (only freed
+    memory is kept, and it is reused before the heap grows). Returns whether glibc took the settings (False on other C
+    libraries, which keep their own defaults)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 class PipelineError(Exception):
@@ -35,6 +60,7 @@ def run_stage(stage: str, variant: str, body: Callable[[], None]) -> int:
     body runs) and its peak memory, and append the same to $CLIPSEG_TIMINGS when set.
     """
     startup = process_age_s()
+    keep_freed_memory()
     started = time.perf_counter()
     try:
         body()
