@@ -35,9 +35,10 @@ from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
 from .original import clip_shapes, decoder_shapes
 from .recording import OUTPUTS, print_figures, recorded
 from .remap_weights import OriginalLayout
-from .tensor_io import LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
+from .tensor_io import FileHash, LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
 
 STAGE = "export"
+WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 CARD = "README.md"
 # What from_pretrained, the Hub's widgets and AutoModel read to pick the class; build-model's config leaves it empty.
@@ -106,27 +107,32 @@ def export_config(config: Mapping, dtype: str) -> dict:
     return {**config, "architectures": ARCHITECTURES, "dtype": dtype}
 
 
-def write_weights(model_dir: Path, out: Path, dtype: str, variant: str) -> dict:
-    """model.safetensors and config.json in `dtype`; returns the config written.
+def write_weights(model_dir: Path, out: Path, dtype: str, variant: str, built_hash: FileHash | None = None) -> tuple[dict, str]:
+    """model.safetensors and config.json in `dtype`; returns the config written and model.safetensors' sha256.
 
     When the built file already is what this export would write (float32, this variant's metadata), it is passed on
-    as it is, hard-linked where the filesystem allows: the same bytes, without writing or hashing 600 MB again.
+    as it is, hard-linked where the filesystem allows: the same bytes, without writing 600 MB again, and their sha256
+    from `built_hash` (taken while the stage imported its libraries) when that is the same file. Other dtypes are
+    hashed as they are written.
     """
-    source_path = model_dir / "model.safetensors"
+    source_path = model_dir / WEIGHTS
     source = TensorFile(source_path)
     metadata = weights_metadata(variant, dtype, source.metadata.get("source_sha256", ""))
     if source.metadata == metadata and all(spec.dtype == dtype_name(dtype) for spec in source.specs.values()):
-        link_or_copy(source_path, out / "model.safetensors")
+        link_or_copy(source_path, out / WEIGHTS)
+        digest = (built_hash and built_hash.of(out / WEIGHTS)) or sha256_file(out / WEIGHTS)
     else:
-        write_safetensors(out / "model.safetensors", cast_tensors(source, dtype), metadata)
+        digest = write_safetensors(out / WEIGHTS, cast_tensors(source, dtype), metadata, sha256=True)
     config = export_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), dtype)
     write_json(out / "config.json", config)
-    return config
+    return config, digest
 
 
-def write_manifest(out: Path) -> dict:
+def write_manifest(out: Path, known: Mapping[str, str]) -> dict:
+    """manifest.json: every other file's size and sha256; `known` gives the sha256 of files hashed as they were
+    written, the others are read and hashed here."""
     files = sorted(p for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
+    manifest = {"files": {p.name: {"bytes": p.stat().st_size, "sha256": known.get(p.name) or sha256_file(p)} for p in files}}
     write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -223,9 +229,6 @@ def read_report(path: Path, stage: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Every export loads its tokenizer with transformers: imported with the rest of the start-up, not inside the work.
-    from transformers import CLIPTokenizer  # noqa: F401
-
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory")
     parser.add_argument("--original", type=Path, required=True, help="download's folder (tokenizer files)")
@@ -235,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the Hugging Face model folder to write")
     parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
     args = parser.parse_args(argv)
+    # A float32 export passes the built file on and lists its sha256 (600 MB to read and hash at full size): hashed on
+    # a second thread while transformers is imported, one core's work of the same length. Bad params are reported by
+    # the body, as always.
+    try:
+        passes_on = params_mod.load(args.params).model(args.variant).dtype == "float32"
+    except PipelineError:
+        passes_on = False
+    built_hash = FileHash(args.model / WEIGHTS) if passes_on else None
+    # Every export loads its tokenizer with transformers: imported with the rest of the start-up, not inside the work.
+    from transformers import CLIPTokenizer  # noqa: F401
 
     def body() -> None:
         params = params_mod.load(args.params)
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            config = write_weights(args.model, staging, model.dtype, args.variant)
+            config, weights_sha256 = write_weights(args.model, staging, model.dtype, args.variant, built_hash)
             for name in ("vocab.json", "merges.txt"):
                 shutil.copyfile(args.original / name, staging / name)
             write_json(staging / "preprocessor_config.json", preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             ))
             with atomic_output(staging / CARD, "w") as handle:
                 handle.write(card)
-            manifest = write_manifest(staging)
+            manifest = write_manifest(staging, {WEIGHTS: weights_sha256})
             shutil.rmtree(args.out, ignore_errors=True)
             staging.rename(args.out)
         finally:

@@ -126,6 +126,20 @@ def test_without_hard_links_the_built_file_is_copied(tiny_pipeline, tmp_path, mo
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_weights_are_not_read_again_to_be_hashed(tiny_pipeline, tmp_path, monkeypatch, dtype):  # noqa: F811
+    # At full size that is 600 MB read and hashed after the rest of the work: float32 takes the hash of the built file
+    # taken while the stage imported transformers, other dtypes the one taken as export writes the file. The manifest
+    # must hold the file's true sha256 all the same.
+    hashed = []
+    monkeypatch.setattr(export, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256_file(path))
+    code, out, _ = export_with_dtype(tiny_pipeline, tmp_path, dtype)
+    assert code == 0
+    assert "model.safetensors" not in hashed and "config.json" in hashed
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(out / "model.safetensors")
+
+
 def test_a_built_file_with_other_metadata_is_written_anew(tiny_pipeline, tmp_path):  # noqa: F811
     # Exported under another variant name: the built file's metadata does not fit, so the tensors are written out.
     params = write_params(tmp_path / "params.yaml")

@@ -3,6 +3,8 @@ move tensors kept free of torch."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.tensor_io import LazyTensors, OutputError, Spec, TensorFile, write_safetensors
+from stages.tensor_io import FileHash, LazyTensors, OutputError, Spec, TensorFile, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,30 @@ def test_torch_and_numpy_write_the_same_bytes_and_read_back_as_either(tmp_path):
         assert as_torch[name].dtype == tensor.dtype and torch.equal(as_torch[name], tensor), name
         assert np.array_equal(as_np[name], as_numpy(tensor)) and as_np[name].dtype == as_numpy(tensor).dtype, name
     assert as_np.specs["bf16"] == Spec("BF16", (3, 5))
+
+
+@pytest.mark.parametrize("numpy", [False, True])
+def test_the_sha256_taken_while_writing_is_the_files(tmp_path, numpy):
+    # Hashed on a second thread as the tensors are written: in file order, header included, from either framework.
+    data = {name: as_numpy(t) if numpy else t for name, t in tensors().items()}
+    path = tmp_path / "t.safetensors"
+    digest = write_safetensors(path, data, {"b": "2", "a": "1"}, sha256=True)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert write_safetensors(tmp_path / "u.safetensors", data) is None
+
+
+def test_a_background_hash_is_given_only_for_the_file_it_hashed(tmp_path):
+    path, link, other = tmp_path / "a.bin", tmp_path / "link.bin", tmp_path / "b.bin"
+    path.write_bytes(b"x" * 100_000)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    os.link(path, link)
+    assert FileHash(path).of(path) == digest
+    assert FileHash(path).of(link) == digest  # a hard link is the same file
+    replaced = FileHash(path)
+    other.write_bytes(b"y" * 100_000)
+    os.replace(other, path)  # the way the stages write: a new file renamed over the old one
+    assert replaced.of(path) is None
+    assert FileHash(tmp_path / "missing.bin").of(tmp_path / "missing.bin") is None
 
 
 def test_a_spec_takes_safetensors_dtype_names_only():
