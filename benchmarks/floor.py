@@ -4,7 +4,7 @@
 
 Loads the full original model's state dict, drops the `model.*` keys (they share storage with `clip_model.visual.*`,
 which safetensors refuses), and times only the save. The time to fsync the file afterwards is reported separately
-(`fsync_s`): the pipeline's stages sync every file they write, the plain save does not.
+(`fsync_s`); neither the stages nor this save sync what they write.
 """
 
 import argparse

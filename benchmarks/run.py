@@ -9,7 +9,7 @@ Steps (see benchmarks/README.md for what each figure means):
  2. the baseline (benchmarks/baseline.py) and the I/O floor (benchmarks/floor.py);
  3. each stage of clipseg-rd64 run as dvc.yaml's cmd, one after the other, outside DVC;
  4. a cold `dvc repro` (fresh cache, sources read in place);
-    steps 2-4 are repeated (--repeat, default 2) and each figure is taken from its fastest run, the baseline's as ours:
+    steps 2-4 are repeated (--repeat, default 3) and each figure is taken from its fastest run, the baseline's as ours:
     the least disturbed by whatever else the machine was doing (every run is kept in the JSON);
  5. no-op `dvc repro`s (rd64, then the three published variants; median of --noop-runs), then
     `dvc repro export@clipseg-rd64` after changing only an export setting, for each --export-change in turn.
@@ -81,6 +81,7 @@ class Run:
     stderr: str
     timings: list[dict] = field(default_factory=list)  # lines the stages appended to $CLIPSEG_TIMINGS
     loadavg: float = 0.0  # the 1-minute load average when the child started: a figure taken on a busy machine is inflated
+    flush_s: float = 0.0  # untimed, before the child: writing back the page cache's dirty data (os.sync)
 
 
 class Runner:
@@ -102,6 +103,12 @@ class Runner:
         timeout_s *= self.timeout_scale
         timed_out = threading.Event()
         print(f"  {name} ...", end="", flush=True)
+        # Untimed: write back what earlier steps left in the page cache, so that no run pays for its predecessor's
+        # writes (with ~2 GB waiting to be written, the kernel throttles every writer: remap-weights and build-model
+        # measured 2-3x slower). Every run starts so, the baseline and the floor as the stages.
+        flushed = time.perf_counter()
+        os.sync()
+        flush_s = time.perf_counter() - flushed
         load = os.getloadavg()[0]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             started = time.perf_counter()
@@ -126,7 +133,7 @@ class Runner:
                 timer.cancel()
             wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: keep Popen from waiting again
-        run = Run(name, list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, str(out_path), str(err_path), loadavg=load)
+        run = Run(name, list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, str(out_path), str(err_path), loadavg=load, flush_s=flush_s)
         if timings and timings_path.exists():
             run.timings = [json.loads(line) for line in timings_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         self.runs.append(run)
@@ -212,6 +219,25 @@ def stage_commands(root: Path, variant: str) -> list[tuple[str, str]]:
         cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd
         commands.append((name, re.sub(r"\$\{\s*([^}]+?)\s*\}", lambda m: value(m.group(1)), cmd)))
     return commands
+
+
+def stage_outputs(root: Path, variant: str) -> dict[str, list[Path]]:
+    """Each stage's outputs (outs, metrics, plots) in dvc.yaml, for `variant`."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    outputs = {}
+    for name, stage in spec["stages"].items():
+        entries = [entry for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]
+        paths = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+        outputs[name] = [root / re.sub(r"\$\{\s*item\.variant\s*\}", variant, path) for path in paths]
+    return outputs
+
+
+def remove_outputs(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def reset_outputs(root: Path) -> None:
@@ -432,7 +458,11 @@ def benchmark(work: Path, args: argparse.Namespace, results: dict) -> dict:
 
         print(f"stages of {VARIANT}, each alone{suffix}")
         direct = {}
+        outputs = stage_outputs(root, VARIANT)
         for stage, cmd in stage_commands(root, VARIANT):
+            # As DVC does before it runs a stage (untimed): its outputs are removed, so the stage writes new files
+            # rather than replacing the last round's (freeing 600 MB of an old file inside the timed run).
+            remove_outputs(outputs[stage])
             direct[stage] = runner.run(f"stage {stage}", ["/bin/sh", "-c", cmd], root, STAGE_TIMEOUT_S, timings=True)
             if not direct[stage].timings:
                 raise BenchError(f"stage {stage} reported no timings to $CLIPSEG_TIMINGS (does its main() go through errors.run_stage?)")
@@ -491,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop-runs", type=int, default=3, help="no-op `dvc repro` runs to take the median of (default 3)")
     parser.add_argument("--export-change", action="append", help="an export-only params change, KEY=YAML_VALUE; repeat for several "
                         f"(default: {' and '.join(EXPORT_CHANGES)})")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds of baseline, floor, stages and cold repro; the fastest of each counts (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of baseline, floor, stages and cold repro; the fastest of each counts (default 3)")
     parser.add_argument("--dvc-yaml", type=Path, help="benchmark this dvc.yaml instead of the repository's (a pipeline change not yet landed)")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every subprocess timeout (for a slow machine)")
     args = parser.parse_args(argv)
