@@ -225,9 +225,9 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
 
     The bytes are not read back: DVC hashes every output as the stage ends, and a second pass over 600 MB would cost
     about as much as writing it. With `sha256`, returns the file's sha256, computed from the bytes as they are written,
-    on a second thread (hashlib lets go of the interpreter while it hashes): the hash of a 600 MB file then costs the
-    writer next to nothing, where reading the file again to hash it would take longer than writing it. The tensors
-    waiting to be hashed are held to HASH_BACKLOG_BYTES (and the one being written)."""
+    on a second thread (hashlib lets go of the interpreter while it hashes), so most of the hashing overlaps the
+    writing: 600 MB measured 0.5 s written and hashed, against 0.3 s to write and 0.36 s to read back and hash. The
+    tensors waiting to be hashed are held to HASH_BACKLOG_BYTES (and the one being written)."""
     specs = {name: spec_of(tensors, name) for name in tensors}
     names = _order(specs)
     header = _header(specs, names, metadata or {})
