@@ -4,8 +4,8 @@ The remapped file is held to the state dict of the model the variant's config de
 misshapen tensor stops the stage. The tensors are then streamed into model.safetensors in the model's working
 precision, one at a time, and config.json is written. Both the state dict's layout and config.json come from
 stages.hf_layout, which tests hold to transformers' own, so this stage need not import transformers, nor torch: it
-moves numpy arrays (each import costs seconds of start-up); verify-outputs then loads the folder with transformers, as a
-user would.
+moves numpy arrays (each import costs seconds of start-up); verify-outputs then loads the folder into transformers'
+CLIPSegForImageSegmentation and runs it.
 """
 
 from __future__ import annotations

@@ -506,6 +506,36 @@ def test_every_entry_has_its_sources_described(tiny, tiny_refined):
             assert hf and original and "{" not in hf + original
 
 
+def test_the_stage_loads_the_model_from_pretrained_would(tiny, tiny_refined):
+    # load_model skips from_pretrained's conversion tables (0.1-0.3 s at full size): it must end in the same model.
+    from transformers import CLIPSegForImageSegmentation
+
+    from stages.inputs import load_image, pixel_values, token_ids, tokenizer
+
+    for built in (tiny, tiny_refined):
+        ours = verify_outputs.load_model(built.model)
+        theirs = CLIPSegForImageSegmentation.from_pretrained(built.model).eval()
+        assert (ours.training, ours.config._attn_implementation) == (theirs.training, theirs.config._attn_implementation)
+        ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+        assert list(ours_state) == list(theirs_state)
+        for name, tensor in ours_state.items():
+            assert tensor.dtype == theirs_state[name].dtype and torch.equal(tensor, theirs_state[name]), name
+        pixels = pixel_values(load_image(built.original / "image"), 224, [0.5] * 3, [0.5] * 3)
+        ids = token_ids(tokenizer(built.original), PROMPTS)
+        with torch.inference_mode():
+            assert torch.equal(ours(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids).logits,
+                               theirs(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids).logits)
+
+
+def test_weights_stored_in_another_dtype_are_refused_on_loading(tiny, tmp_path):
+    model = tampered(tiny, tmp_path / "model", lambda state: state.update({name: t.half() for name, t in state.items() if name.endswith("fc1.weight")}))
+    run = run_verify(tiny, tmp_path, model=model)
+    assert run.code == 1
+    message = error_line(run.stderr)
+    assert "the weights in model.safetensors do not fit config.json" in message
+    assert re.search(r"'mismatched_keys': \['clip\.text_model\.encoder\.layers\.0\.mlp\.fc1\.weight: file \[\d+, \d+\] torch\.float16, config \[\d+, \d+\]'", message), message
+
+
 def test_hf_outputs_encodes_the_image_once_and_matches_the_models_forward(tiny):
     from stages.inputs import load_image, pixel_values, token_ids, tokenizer
 
