@@ -197,10 +197,8 @@ def write_params(root: Path, sources: Path, manifest: dict, variants: list[str],
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False, width=1000), encoding="utf-8")
 
 
-def stage_commands(root: Path, variant: str) -> list[tuple[str, str]]:
-    """(stage name, shell command) in dvc.yaml's order, with `${item.variant}` and `${params.key}` resolved as DVC
-    resolves them."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+def resolver(root: Path, variant: str):
+    """A function that resolves `${item.variant}` and `${params.key}` in a dvc.yaml string as DVC resolves them."""
     params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
 
     def value(expr: str) -> str:
@@ -213,22 +211,28 @@ def stage_commands(root: Path, variant: str) -> list[tuple[str, str]]:
             node = node[key]
         return str(node)
 
+    return lambda text: re.sub(r"\$\{\s*([^}]+?)\s*\}", lambda m: value(m.group(1)), text)
+
+
+def stage_commands(root: Path, variant: str) -> list[tuple[str, str]]:
+    """(stage name, shell command) in dvc.yaml's order, resolved (`resolver`)."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    resolve = resolver(root, variant)
     commands = []
     for name, stage in spec["stages"].items():
         cmd = stage["cmd"]
-        cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd
-        commands.append((name, re.sub(r"\$\{\s*([^}]+?)\s*\}", lambda m: value(m.group(1)), cmd)))
+        commands.append((name, resolve(" && ".join(cmd) if isinstance(cmd, list) else cmd)))
     return commands
 
 
 def stage_outputs(root: Path, variant: str) -> dict[str, list[Path]]:
-    """Each stage's outputs (outs, metrics, plots) in dvc.yaml, for `variant`."""
+    """Each stage's outputs (outs, metrics, plots) in dvc.yaml, resolved (`resolver`)."""
     spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    resolve = resolver(root, variant)
     outputs = {}
     for name, stage in spec["stages"].items():
         entries = [entry for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]
-        paths = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
-        outputs[name] = [root / re.sub(r"\$\{\s*item\.variant\s*\}", variant, path) for path in paths]
+        outputs[name] = [root / resolve(next(iter(entry)) if isinstance(entry, dict) else entry) for entry in entries]
     return outputs
 
 

@@ -159,7 +159,7 @@ def check_loadable(out: Path) -> dict:
     A float32 export holds the verified model's very bytes (write_weights), so verify-outputs' comparison is this
     folder's: checking that it loads needs no second forward pass.
     """
-    exported = TensorFile(out / "model.safetensors")
+    exported = TensorFile(out / WEIGHTS)
     try:
         arch = architecture_of(json.loads((out / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -185,7 +185,7 @@ def check_outputs(out: Path, arch: Mapping, reference: TensorFile, dtype: str, a
     from .reference import reference_forward
 
     torch.set_num_threads(threads)  # params verify.threads: a fixed count keeps the last bits the same everywhere
-    original = OriginalLayout(TensorFile(out / "model.safetensors"), clip_shapes(arch) | decoder_shapes(arch))
+    original = OriginalLayout(TensorFile(out / WEIGHTS), clip_shapes(arch) | decoder_shapes(arch))
     try:
         with torch.inference_mode():
             got = reference_forward(original, arch, reference["pixel_values"], reference["input_ids"], torch.float32)
