@@ -46,6 +46,9 @@ PUBLISHED = ("clipseg-rd64", "clipseg-rd16", "clipseg-rd64-refined")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "pyproject.toml")
 PROMPTS_IMAGE = "image.jpg"
 STAGE_TIMEOUT_S = 300
+# Memory touched and freed by a short-lived process before every timed run (Runner.run says why): more than any one
+# stage or the baseline allocates.
+WARM_BYTES = 2 << 30
 # Disk the work folder needs: sources (~1 GB) and per built variant ~2.8 GB of outputs (the DVC cache hardlinks them;
 # on a filesystem without links it copies them, doubling this).
 NEEDED_GB = {"quick": 6, "full": 12}
@@ -82,6 +85,7 @@ class Run:
     timings: list[dict] = field(default_factory=list)  # lines the stages appended to $CLIPSEG_TIMINGS
     loadavg: float = 0.0  # the 1-minute load average when the child started: a figure taken on a busy machine is inflated
     flush_s: float = 0.0  # untimed, before the child: writing back the page cache's dirty data (os.sync)
+    warm_s: float = 0.0  # untimed, before the child: a process touching and freeing WARM_BYTES (Runner.run)
 
 
 class Runner:
@@ -109,6 +113,17 @@ class Runner:
         flushed = time.perf_counter()
         os.sync()
         flush_s = time.perf_counter() - flushed
+        # Untimed: have memory recently used before every run. This VM's kernel reports free memory to the hypervisor
+        # (virtio-balloon free page reporting), which takes it back; touching such a page again costs a fault in the
+        # host, about 10 us per 4 KB page. A run that finds only reported pages pays that on everything it allocates,
+        # page cache included: writing 600 MB measured 1.4-1.6 s after 5 idle seconds, 0.16 s right after another
+        # process freed 2 GB. Which state a run met depended on what ran before it (the floor follows the baseline's
+        # exit, which frees 1.7 GB; build-model alone followed remap-weights, and removing its output, hard-linked by
+        # export and the DVC cache, freed nothing: 1.0 s of work against 0.3 s in `dvc repro`). Elsewhere this costs
+        # a fraction of a second and changes nothing.
+        warmed = time.perf_counter()
+        self.warm()
+        warm_s = time.perf_counter() - warmed
         load = os.getloadavg()[0]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             started = time.perf_counter()
@@ -133,7 +148,7 @@ class Runner:
                 timer.cancel()
             wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: keep Popen from waiting again
-        run = Run(name, list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, str(out_path), str(err_path), loadavg=load, flush_s=flush_s)
+        run = Run(name, list(argv), wall, usage.ru_maxrss / 1024, proc.returncode, str(out_path), str(err_path), loadavg=load, flush_s=flush_s, warm_s=warm_s)
         if timings and timings_path.exists():
             run.timings = [json.loads(line) for line in timings_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         self.runs.append(run)
@@ -142,6 +157,16 @@ class Runner:
             why = f"timed out after {timeout_s:.0f} s" if timed_out.is_set() else f"exited with status {run.returncode}"
             raise BenchError(f"{name} {why}\n  command: {shlex.join(argv)}\n  in: {cwd}\n  stderr ({err_path}), last lines:\n{tail(err_path)}")
         return run
+
+
+    def warm(self) -> None:
+        """Touch WARM_BYTES of memory in a short-lived process and free it (see run); never the runner itself, whose
+        peak RSS every child would inherit as its own starting ru_maxrss."""
+        code = f"import numpy; numpy.ones({WARM_BYTES // 8})"
+        try:
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=120 * self.timeout_scale, capture_output=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"the memory warm-up before each run failed: {exc}") from exc
 
 
 def tail(path: Path | str, lines: int = 25) -> str:
