@@ -57,7 +57,11 @@ def _tensor(weights: _Weights, key: str, shape: Sequence[int], cast: bool = True
             f"reference: tensor '{key}' has shape {list(tensor.shape)}, expected {list(shape)} from arch; "
             "check that the arch parameters match the checkpoint variant"
         )
-    return tensor.to(weights.dtype) if cast else tensor
+    if not cast:
+        return tensor
+    if tensor.dtype == torch.float16 and weights.dtype == torch.float64:
+        tensor = tensor.float()  # exact, and with the float32 -> float64 step a third faster than float16 -> float64
+    return tensor.to(weights.dtype)
 
 
 def _group(weights: _Weights, prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
@@ -182,8 +186,8 @@ def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Ten
     x = out["vision.pre_norm"] = _layer_norm(x, ln_pre["weight"], ln_pre["bias"])
     shapes = _clip_block_shapes(width, vision["intermediate_size"])
     for k in range(vision["num_hidden_layers"]):
-        p = _group(tensors, f"visual.transformer.resblocks.{k}.", shapes)
-        x = _run_block(out, f"vision.block{k}", _clip_block, x, p, heads, False)
+        # The block's weights are passed, not kept: the last block's are freed before the next one's are cast.
+        x = _run_block(out, f"vision.block{k}", _clip_block, x, _group(tensors, f"visual.transformer.resblocks.{k}.", shapes), heads, False)
     ln_post = _group(tensors, "visual.ln_post.", {"weight": (width,), "bias": (width,)})
     proj = _tensor(tensors, "visual.proj", (width, arch["projection_dim"]))
     out["vision.post_norm"] = _layer_norm(x[:, 0], ln_post["weight"], ln_post["bias"])
@@ -210,8 +214,7 @@ def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor,
     out, heads = {"text.embeddings": x}, text["num_attention_heads"]
     shapes = _clip_block_shapes(width, text["intermediate_size"])
     for k in range(text["num_hidden_layers"]):
-        p = _group(tensors, f"transformer.resblocks.{k}.", shapes)
-        x = _run_block(out, f"text.block{k}", _clip_block, x, p, heads, True)
+        x = _run_block(out, f"text.block{k}", _clip_block, x, _group(tensors, f"transformer.resblocks.{k}.", shapes), heads, True)
     ln_final = _group(tensors, "ln_final.", {"weight": (width,), "bias": (width,)})
     x = out["text.final_norm"] = _layer_norm(x, ln_final["weight"], ln_final["bias"])
     # CLIP's end token has the largest id in its vocabulary, so the argmax finds it in every prompt.

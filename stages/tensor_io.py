@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -260,12 +261,16 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
 
 
 class TensorFile(Mapping[str, Any]):
-    """A safetensors file read one tensor at a time with plain reads (not memory mapping, whose touched pages would
-    stay resident): a stage holds only the tensors it is working on.
+    """A safetensors file read one tensor at a time: a stage holds only the tensors it is working on.
+
+    Each tensor is its own private (copy-on-write) memory map of its bytes in the file: its pages are the page cache's,
+    not a copy in freshly allocated memory (which cost a fault per 4 KB page and a copy: verify-outputs' reference read
+    its 300 MB of original tensors in 0.22 s that way, against 0.03 s mapped), and they leave the process when the
+    tensor is freed (one map of the whole file would keep every touched page resident until the end). Writing into a
+    tensor changes only the process's copy of that page, never the file.
 
     `framework` is "pt" for torch tensors or "np" for numpy arrays (a BF16 tensor then comes as its raw bits in uint16,
-    numpy having no bfloat16), as in safetensors' own safe_open. Either way the bytes are read straight into the
-    tensor's memory, once."""
+    numpy having no bfloat16), as in safetensors' own safe_open."""
 
     def __init__(self, path: Path, framework: str = "pt"):
         if framework not in ("pt", "np"):
@@ -289,16 +294,18 @@ class TensorFile(Mapping[str, Any]):
         spec, (begin, end) = self.specs[name], self._offsets[name]
         if end - begin != spec.nbytes:
             raise OutputError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, its shape needs {spec.nbytes}")
-        data = np.empty(spec.nbytes, dtype=np.uint8)
-        target = memoryview(data)
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self._base + begin)
-            done = 0
-            while done < len(target):
-                count = handle.readinto(target[done:])
-                if not count:
+        start = self._base + begin
+        if spec.nbytes == 0:
+            data = np.empty(0, dtype=np.uint8)
+        else:
+            with open(self.path, "rb", buffering=0) as handle:
+                if os.fstat(handle.fileno()).st_size < start + spec.nbytes:
                     raise OutputError(f"{self.path}: truncated inside tensor {name!r}; rerun the stage that writes it")
-                done += count
+                skip = start % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
+                mapped = mmap.mmap(handle.fileno(), skip + spec.nbytes, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start - skip)
+            # The array holds the map, which is unmapped when the last tensor viewing it is freed.
+            data = np.frombuffer(mapped, dtype=np.uint8, count=spec.nbytes, offset=skip)
         array = data.view(numpy_dtype(spec.dtype)).reshape(spec.shape)
         if self.framework == "np":
             return array

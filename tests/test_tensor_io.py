@@ -101,6 +101,22 @@ def test_asking_whether_a_name_is_there_reads_no_tensor(tmp_path):
     assert "x" in lazy and "y" not in lazy and produced == []
 
 
+def test_a_read_tensor_is_the_readers_own_copy_of_the_file(tmp_path):
+    """Tensors are private maps of the file: writing into one changes neither the file nor a later read of it, and a
+    tensor stays readable after its file is replaced or removed."""
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {"x": np.arange(5000, dtype=np.float32), "y": np.ones((3, 2), np.float16)})
+    before = path.read_bytes()
+    stored, as_np = TensorFile(path), TensorFile(path, framework="np")
+    x, y = stored["x"], as_np["y"]
+    x[0], y[1, 1] = -1.0, 7.0
+    assert path.read_bytes() == before
+    assert stored["x"][0].item() == 0.0 and as_np["y"][1, 1] == 1.0
+    write_safetensors(path, {"x": np.zeros(5000, np.float32), "y": np.zeros((3, 2), np.float16)})
+    path.unlink()
+    assert x[4999].item() == 4999.0 and y[1, 1] == 7.0 and y[0, 0] == 1.0
+
+
 def test_an_unknown_framework_is_refused(tmp_path):
     write_safetensors(tmp_path / "x.safetensors", {"x": np.zeros(1, np.float32)})
     with pytest.raises(ValueError, match="framework must be 'pt' or 'np'"):
