@@ -120,7 +120,10 @@ def _clip_block(x: Tensor, p: Mapping[str, Tensor], heads: int, causal: bool,
     x = x + attention
     norm2 = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"])
     h = F.linear(norm2, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])
-    mlp = F.linear(h * torch.sigmoid(QUICK_GELU_SCALE * h), p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    # h * sigmoid(1.702 h), the same operations and values, in one temporary instead of three (the hidden layer is
+    # the largest activation: 12 MB per vision block in float64).
+    gelu = h.mul(QUICK_GELU_SCALE).sigmoid_().mul_(h)
+    mlp = F.linear(gelu, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
     if parts is not None:
         parts.update(norm1=norm1, attention=attention, norm2=norm2, mlp=mlp)
     return x + mlp
@@ -134,7 +137,7 @@ def _decoder_block(x: Tensor, p: Mapping[str, Tensor], heads: int, parts: dict[s
     attention = _mha(x, p["self_attn.in_proj_weight"], p["self_attn.in_proj_bias"],
                      p["self_attn.out_proj.weight"], p["self_attn.out_proj.bias"], heads, False)
     norm1 = _layer_norm(x + attention, p["norm1.weight"], p["norm1.bias"])
-    mlp = F.linear(F.relu(F.linear(norm1, p["linear1.weight"], p["linear1.bias"])), p["linear2.weight"], p["linear2.bias"])
+    mlp = F.linear(F.linear(norm1, p["linear1.weight"], p["linear1.bias"]).relu_(), p["linear2.weight"], p["linear2.bias"])
     norm2 = _layer_norm(norm1 + mlp, p["norm2.weight"], p["norm2.bias"])
     if parts is not None:
         parts.update(attention=attention, norm1=norm1, mlp=mlp, norm2=norm2)
