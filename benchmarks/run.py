@@ -13,7 +13,8 @@ Steps (see benchmarks/README.md for what each figure means):
     the least disturbed by whatever else the machine was doing (every run is kept in the JSON);
  5. no-op `dvc repro`s (rd64, then the three published variants; median of --noop-runs), then
     `dvc repro export@clipseg-rd64` after changing only an export setting, for each --export-change in turn.
-Prints the figures, the ratios and the targets' verdicts, and writes everything to --out.
+Every timed run starts with the page cache written back and --warm-gb of memory touched and freed by another process
+(Runner.run says why). Prints the figures, the ratios and the targets' verdicts, and writes everything to --out.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ PUBLISHED = ("clipseg-rd64", "clipseg-rd16", "clipseg-rd64-refined")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "pyproject.toml")
 PROMPTS_IMAGE = "image.jpg"
 STAGE_TIMEOUT_S = 300
-# Memory touched and freed by a short-lived process before every timed run (Runner.run says why): more than any one
-# stage or the baseline allocates.
-WARM_BYTES = 2 << 30
+# Memory touched and freed by a short-lived process before every timed run (Runner.run says why), by default: more
+# than any one stage or the baseline allocates (--warm-gb).
+WARM_GB = 2.0
 # Disk the work folder needs: sources (~1 GB) and per built variant ~2.8 GB of outputs (the DVC cache hardlinks them;
 # on a filesystem without links it copies them, doubling this).
 NEEDED_GB = {"quick": 6, "full": 12}
@@ -85,14 +86,15 @@ class Run:
     timings: list[dict] = field(default_factory=list)  # lines the stages appended to $CLIPSEG_TIMINGS
     loadavg: float = 0.0  # the 1-minute load average when the child started: a figure taken on a busy machine is inflated
     flush_s: float = 0.0  # untimed, before the child: writing back the page cache's dirty data (os.sync)
-    warm_s: float = 0.0  # untimed, before the child: a process touching and freeing WARM_BYTES (Runner.run)
+    warm_s: float = 0.0  # untimed, before the child: a process touching and freeing --warm-gb of memory (Runner.run)
 
 
 class Runner:
-    def __init__(self, logs: Path, env: dict[str, str], timeout_scale: float):
+    def __init__(self, logs: Path, env: dict[str, str], timeout_scale: float, warm_gb: float = WARM_GB):
         self.logs = logs
         self.env = env
         self.timeout_scale = timeout_scale
+        self.warm_bytes = int(warm_gb * (1 << 30))
         self.runs: list[Run] = []
 
     def run(self, name: str, argv: list[str], cwd: Path, timeout_s: float, timings: bool = False) -> Run:
@@ -160,9 +162,11 @@ class Runner:
 
 
     def warm(self) -> None:
-        """Touch WARM_BYTES of memory in a short-lived process and free it (see run); never the runner itself, whose
+        """Touch `warm_bytes` of memory in a short-lived process and free it (see run); never the runner itself, whose
         peak RSS every child would inherit as its own starting ru_maxrss."""
-        code = f"import numpy; numpy.ones({WARM_BYTES // 8})"
+        if self.warm_bytes <= 0:
+            return
+        code = f"import numpy; numpy.ones({self.warm_bytes // 8})"
         try:
             subprocess.run([sys.executable, "-c", code], check=True, timeout=120 * self.timeout_scale, capture_output=True)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -454,10 +458,10 @@ def benchmark(work: Path, args: argparse.Namespace, results: dict) -> dict:
     env["DVC_NO_ANALYTICS"] = "1"
     env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"  # everything is local: never wait on the network
     env.pop("CLIPSEG_TIMINGS", None)
-    runner = Runner(logs, env, args.timeout_scale)
+    runner = Runner(logs, env, args.timeout_scale, args.warm_gb)
     py = sys.executable
     results |= {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                                 "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
+                                 "loadavg_before": [round(x, 2) for x in os.getloadavg()], "warm_gb": args.warm_gb},
                      "variant": VARIANT, "runs": runner.runs}
 
     results["code"] = code_version()
@@ -553,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of baseline, floor, stages and cold repro; the fastest of each counts (default 3)")
     parser.add_argument("--dvc-yaml", type=Path, help="benchmark this dvc.yaml instead of the repository's (a pipeline change not yet landed)")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every subprocess timeout (for a slow machine)")
+    parser.add_argument("--warm-gb", type=float, default=WARM_GB, help="memory a short-lived process touches and frees before "
+                        f"every timed run, so each finds recently used memory (default {WARM_GB:g}; 0: none)")
     args = parser.parse_args(argv)
     if any("=" not in change for change in args.export_change or ()):
         parser.error("--export-change must be KEY=VALUE")
