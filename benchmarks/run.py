@@ -423,8 +423,10 @@ def report(results: dict) -> None:
         value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
         print(f"  {t['verdict']:<5} {t['target']:<62} {value:>8}  (target {limit}){'  ' + t['note'] if t['note'] else ''}")
     load = results["machine"]
+    # The load after counts the benchmark's own runs (about one busy CPU throughout): only the load before says whether
+    # something else was running.
     print(f"\nload average before/after: {load['loadavg_before']} / {load['loadavg_after']} on {load['cpus']} CPUs"
-          + ("  -- the machine was busy: timings are inflated" if max(load["loadavg_before"][0], load["loadavg_after"][0]) > 0.5 * load["cpus"] else ""))
+          + ("  -- the machine was busy before the benchmark: timings are inflated" if load["loadavg_before"][0] > 0.5 * load["cpus"] else ""))
 
 
 # ---- the benchmark -------------------------------------------------------------------------------------------------
