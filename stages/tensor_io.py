@@ -302,8 +302,8 @@ class TensorFile(Mapping[str, Any]):
                 if os.fstat(handle.fileno()).st_size < start + spec.nbytes:
                     raise OutputError(f"{self.path}: truncated inside tensor {name!r}; rerun the stage that writes it")
                 skip = start % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
-                mapped = mmap.mmap(handle.fileno(), skip + spec.nbytes, flags=mmap.MAP_PRIVATE,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start - skip)
+                # ACCESS_COPY: a private, copy-on-write map (MAP_PRIVATE on POSIX), on every platform.
+                mapped = mmap.mmap(handle.fileno(), skip + spec.nbytes, access=mmap.ACCESS_COPY, offset=start - skip)
             # The array holds the map, which is unmapped when the last tensor viewing it is freed.
             data = np.frombuffer(mapped, dtype=np.uint8, count=spec.nbytes, offset=skip)
         array = data.view(numpy_dtype(spec.dtype)).reshape(spec.shape)
