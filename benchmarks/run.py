@@ -160,7 +160,6 @@ class Runner:
             raise BenchError(f"{name} {why}\n  command: {shlex.join(argv)}\n  in: {cwd}\n  stderr ({err_path}), last lines:\n{tail(err_path)}")
         return run
 
-
     def warm(self) -> None:
         """Touch `warm_bytes` of memory in a short-lived process and free it (see run); never the runner itself, whose
         peak RSS every child would inherit as its own starting ru_maxrss."""

@@ -189,8 +189,9 @@ def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Ten
     x = out["vision.pre_norm"] = _layer_norm(x, ln_pre["weight"], ln_pre["bias"])
     shapes = _clip_block_shapes(width, vision["intermediate_size"])
     for k in range(vision["num_hidden_layers"]):
-        # The block's weights are passed, not kept: the last block's are freed before the next one's are cast.
-        x = _run_block(out, f"vision.block{k}", _clip_block, x, _group(tensors, f"visual.transformer.resblocks.{k}.", shapes), heads, False)
+        p = _group(tensors, f"visual.transformer.resblocks.{k}.", shapes)
+        x = _run_block(out, f"vision.block{k}", _clip_block, x, p, heads, False)
+        del p  # this block's float64 weights are freed before the next block's are cast
     ln_post = _group(tensors, "visual.ln_post.", {"weight": (width,), "bias": (width,)})
     proj = _tensor(tensors, "visual.proj", (width, arch["projection_dim"]))
     out["vision.post_norm"] = _layer_norm(x[:, 0], ln_post["weight"], ln_post["bias"])
@@ -217,7 +218,9 @@ def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor,
     out, heads = {"text.embeddings": x}, text["num_attention_heads"]
     shapes = _clip_block_shapes(width, text["intermediate_size"])
     for k in range(text["num_hidden_layers"]):
-        x = _run_block(out, f"text.block{k}", _clip_block, x, _group(tensors, f"transformer.resblocks.{k}.", shapes), heads, True)
+        p = _group(tensors, f"transformer.resblocks.{k}.", shapes)
+        x = _run_block(out, f"text.block{k}", _clip_block, x, p, heads, True)
+        del p
     ln_final = _group(tensors, "ln_final.", {"weight": (width,), "bias": (width,)})
     x = out["text.final_norm"] = _layer_norm(x, ln_final["weight"], ln_final["bias"])
     # CLIP's end token has the largest id in its vocabulary, so the argmax finds it in every prompt.
