@@ -260,6 +260,18 @@ def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[
     return digest.hexdigest() if digest else None
 
 
+def _read_exactly(handle: IO[bytes], start: int, count: int) -> np.ndarray:
+    """Up to `count` bytes from `start` of an unbuffered file, read straight into a new array (shorter at the file's
+    end)."""
+    data = np.empty(count, dtype=np.uint8)
+    target = memoryview(data)
+    handle.seek(start)
+    done = 0
+    while done < count and (got := handle.readinto(target[done:])):
+        done += got
+    return data[:done]
+
+
 class TensorFile(Mapping[str, Any]):
     """A safetensors file read one tensor at a time: a stage holds only the tensors it is working on.
 
@@ -267,7 +279,8 @@ class TensorFile(Mapping[str, Any]):
     not a copy in freshly allocated memory (which cost a fault per 4 KB page and a copy: verify-outputs' reference read
     its 300 MB of original tensors in 0.22 s that way, against 0.02 s mapped), and they leave the process when the
     tensor is freed (one map of the whole file would keep every touched page resident until the end). Writing into a
-    tensor changes only the process's copy of that page, never the file.
+    tensor changes only the process's copy of that page, never the file. Where the filesystem cannot map files, the
+    bytes are read instead.
 
     `framework` is "pt" for torch tensors or "np" for numpy arrays (a BF16 tensor then comes as its raw bits in uint16,
     numpy having no bfloat16), as in safetensors' own safe_open."""
@@ -302,10 +315,16 @@ class TensorFile(Mapping[str, Any]):
                 if os.fstat(handle.fileno()).st_size < start + spec.nbytes:
                     raise OutputError(f"{self.path}: truncated inside tensor {name!r}; rerun the stage that writes it")
                 skip = start % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
-                # ACCESS_COPY: a private, copy-on-write map (MAP_PRIVATE on POSIX), on every platform.
-                mapped = mmap.mmap(handle.fileno(), skip + spec.nbytes, access=mmap.ACCESS_COPY, offset=start - skip)
-            # The array holds the map, which is unmapped when the last tensor viewing it is freed.
-            data = np.frombuffer(mapped, dtype=np.uint8, count=spec.nbytes, offset=skip)
+                try:
+                    # ACCESS_COPY: a private, copy-on-write map (MAP_PRIVATE on POSIX), on every platform.
+                    mapped = mmap.mmap(handle.fileno(), skip + spec.nbytes, access=mmap.ACCESS_COPY, offset=start - skip)
+                except OSError:  # a filesystem that cannot map files (some FUSE mounts): the same bytes, read
+                    data = _read_exactly(handle, start, spec.nbytes)
+                else:
+                    # The array holds the map, which is unmapped when the last tensor viewing it is freed.
+                    data = np.frombuffer(mapped, dtype=np.uint8, count=spec.nbytes, offset=skip)
+            if len(data) != spec.nbytes:
+                raise OutputError(f"{self.path}: truncated inside tensor {name!r}; rerun the stage that writes it")
         array = data.view(numpy_dtype(spec.dtype)).reshape(spec.shape)
         if self.framework == "np":
             return array

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages import tensor_io
 from stages.tensor_io import FileHash, LazyTensors, OutputError, Spec, TensorFile, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,25 @@ def test_a_read_tensor_is_the_readers_own_copy_of_the_file(tmp_path):
     write_safetensors(path, {"x": np.zeros(5000, np.float32), "y": np.zeros((3, 2), np.float16)})
     path.unlink()
     assert x[4999].item() == 4999.0 and y[1, 1] == 7.0 and y[0, 0] == 1.0
+
+
+def test_a_filesystem_that_cannot_map_files_is_read_instead(tmp_path, monkeypatch):
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {"x": np.arange(5000, dtype=np.float32), "y": np.ones((3, 2), np.float16)})
+    mapped = {name: TensorFile(path, framework="np")[name] for name in ("x", "y")}
+
+    def cannot_map(*args, **kwargs):
+        raise OSError(19, "No such device")  # ENODEV: what mmap gives on a filesystem without mapping support
+
+    monkeypatch.setattr(tensor_io.mmap, "mmap", cannot_map)
+    stored = TensorFile(path, framework="np")
+    for name, expected in mapped.items():
+        np.testing.assert_array_equal(stored[name], expected)
+    np.testing.assert_array_equal(TensorFile(path)["x"].numpy(), mapped["x"])
+    with open(path, "r+b") as handle:  # cut into y, stored last (float16 after float32), once the header is read
+        handle.truncate(path.stat().st_size - 2)
+    with pytest.raises(OutputError, match="truncated inside tensor 'y'"):
+        stored["y"]
 
 
 def test_an_unknown_framework_is_refused(tmp_path):
