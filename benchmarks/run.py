@@ -121,8 +121,8 @@ class Runner:
         # page cache included: writing 600 MB measured 1.4-1.6 s after 5 idle seconds, 0.16 s right after another
         # process freed 2 GB. Which state a run met depended on what ran before it (the floor follows the baseline's
         # exit, which frees 1.7 GB; build-model alone followed remap-weights, and removing its output, hard-linked by
-        # export and the DVC cache, freed nothing: 1.0 s of work against 0.3 s in `dvc repro`). Elsewhere this costs
-        # a fraction of a second and changes nothing.
+        # export and the DVC cache, freed nothing: 1.0 s of work against 0.3 s in `dvc repro`). It took 0.4-5 s a run
+        # here; on a machine whose kernel keeps free memory it changes nothing, and --warm-gb 0 turns it off.
         warmed = time.perf_counter()
         self.warm()
         warm_s = time.perf_counter() - warmed
@@ -274,12 +274,7 @@ def remove_outputs(paths: list[Path]) -> None:
 
 def reset_outputs(root: Path) -> None:
     """Back to a fresh checkout: no outputs, no lock file, no DVC cache."""
-    for path in ("data", "outputs", "reports", ".dvc/cache", ".dvc/tmp", "dvc.lock"):
-        target = root / path
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+    remove_outputs([root / path for path in ("data", "outputs", "reports", ".dvc/cache", ".dvc/tmp", "dvc.lock")])
 
 
 def code_version() -> dict:

@@ -345,6 +345,7 @@ def load_model(directory: Path):
         weights = load_file(directory / "model.safetensors")
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise VerificationError(f"{directory}: the model does not load ({str(exc).splitlines()[0]}); rerun build-model") from exc
+
     def described(tensor) -> str:  # a float32 weight by its shape alone, as from_pretrained's messages give it
         return f"{list(tensor.shape)}" + ("" if tensor.dtype == torch.float32 else f" {tensor.dtype}")
 
