@@ -303,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": model.dtype,
             "tolerance_atol": atol,
             "note": (
-                "outputs: each output against verify-outputs' float64 reference, recorded as passed without its figure "
-                "(its last bits change with the CPU, and this file must not); a float32 export is the verified weights "
-                "themselves, a float16 or bfloat16 one was read back and run through the reference forward pass (its weights "
-                "as stored, computed in float32), and export printed its figures on stderr"
+                f"outputs: each output against verify-outputs' {verify_report['reference_dtype']} reference, recorded as "
+                "passed without its figure (its last bits change with the CPU, and this file must not); a float32 export "
+                "is the verified weights themselves, a float16 or bfloat16 one was read back and run through the "
+                "reference forward pass (its weights as stored, computed in float32), and export printed its figures on "
+                "stderr"
             ),
             "outputs": results,
             "files": len(manifest["files"]),

@@ -126,7 +126,7 @@ parsed; an unpinned one is marked.
 ## Verification
 
 The converted model was run next to an independent implementation of the original forward pass on the same inputs
-(the reference image, prompts {{ prompts }}); the reference ran in float64. The largest absolute difference over
+(the reference image, prompts {{ prompts }}); the reference ran in {{ reference_dtype }}. The largest absolute difference over
 every element is within tolerance for each output (a model that fails is not exported). Each is given as that bound:
 its exact figure changes in the last bits from one CPU to another, and this card reads the same on every machine.
 {%- if dtype != "float32" %} The {{ dtype }} weights, exactly as this folder stores them, were run through that
@@ -230,6 +230,8 @@ def render(card: CardInputs) -> str:
     missing = sorted(set(card.export_outputs) - set(outputs))
     if missing:
         raise ModelCardError(f"the verify report lacks the output(s) {missing}; rerun the verify-outputs stage")
+    if not card.verify.get("reference_dtype"):
+        raise ModelCardError("the verify report lacks reference_dtype (the reference's precision); rerun the verify-outputs stage")
     data = ModelCardData(library_name="transformers", pipeline_tag="image-segmentation", tags=TAGS, **LICENSE)
     published = card.verify.get("published_check") or {}
     model_card = ModelCard.from_template(
@@ -250,6 +252,7 @@ def render(card: CardInputs) -> str:
         image_std=list(card.image_std),
         sources=card.sources,
         prompts=", ".join(repr(p) for p in card.prompts),
+        reference_dtype=card.verify["reference_dtype"],
         diffs=[(name, cell(outputs[name], card.verify.get("tolerance_atol")), cell(exported, card.export_atol))
                for name, exported in card.export_outputs.items()],
         published=[(name, {**r, "cell": cell(r, r.get("tolerance"))}) for name, r in sorted(published.items())],

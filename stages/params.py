@@ -17,6 +17,9 @@ SOURCE_NAMES_REQUIRED = ("clip", "decoder", "image")
 # Tokenizer files come either as Hugging Face's vocab.json + merges.txt, or as CLIP's bpe_simple_vocab_16e6.txt.gz.
 TOKENIZER_SOURCES = (("vocab", "merges"), ("bpe",))
 DTYPES = ("float32", "float16", "bfloat16")
+# The reference's working precision in verify-outputs. float64: its outputs and pictures are the same bytes on every
+# CPU. float32: half the reference's time, but their last bits then follow the CPU's instruction set (see README).
+REFERENCE_DTYPES = ("float64", "float32")
 TOP_LEVEL = "(top level)"  # how messages name the file's outermost mapping
 
 
@@ -78,6 +81,7 @@ class Verify:
     atol: float  # the outputs' bound (float32)
     rtol: float  # intermediates may differ by atol + rtol * their scale
     threads: int  # torch's thread count for the forward passes: fixed, so their last bits do not follow the core count
+    reference_dtype: str  # one of REFERENCE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -316,10 +320,15 @@ def parse(data: Any) -> Params:
     _at_least(proc["image_size"], 1, "processor.image_size")
     _numbers(proc["image_mean"], "processor.image_mean", 3)
     _std(proc["image_std"], "processor.image_std")
-    ver = _section(top["verify"], "verify", {"atol": float, "rtol": float, "threads": int})
+    ver = _section(top["verify"], "verify", {"atol": float, "rtol": float, "threads": int, "reference_dtype": str})
     _at_least(ver["atol"], 0, "verify.atol")
     _at_least(ver["rtol"], 0, "verify.rtol")
     _at_least(ver["threads"], 1, "verify.threads")
+    if ver["reference_dtype"] not in REFERENCE_DTYPES:
+        raise ParamsError(
+            f"params.yaml: `verify.reference_dtype` is {ver['reference_dtype']!r}; allowed: {list(REFERENCE_DTYPES)} "
+            "(float64 keeps verify-outputs' files the same bytes on every CPU)"
+        )
     exp = _section(top["export"], "export", {"atol": dict})
     _section(exp["atol"], "export.atol", dict.fromkeys(DTYPES, float))
     for dtype in DTYPES:
@@ -346,7 +355,9 @@ def parse(data: Any) -> Params:
         processor=Processor(
             image_size=proc["image_size"], image_mean=tuple(proc["image_mean"]), image_std=tuple(proc["image_std"])
         ),
-        verify=Verify(atol=float(ver["atol"]), rtol=float(ver["rtol"]), threads=ver["threads"]),
+        verify=Verify(
+            atol=float(ver["atol"]), rtol=float(ver["rtol"]), threads=ver["threads"], reference_dtype=ver["reference_dtype"]
+        ),
         export_atol={k: float(v) for k, v in exp["atol"].items()},
         models=models,
     )

@@ -9,9 +9,10 @@ the original tensors they were made from, to look at. Where a variant has publis
 too, with the preprocessing they were computed with.
 Writes a metrics JSON, the reference outputs (for export's check) and one mask picture per prompt.
 
-Same bytes on every machine: the reference runs in float64, so the float32 outputs it stores and the mask pictures drawn
-from its logits do not depend on the CPU's instruction set or thread count (float64 rounding is 500 million times finer
-than a float32 step). The converted model runs in float32, as users run it, and the last bits of its outputs do
+Same bytes on every machine: the reference runs in float64 (params verify.reference_dtype), so the float32 outputs it
+stores and the mask pictures drawn from its logits do not depend on the CPU's instruction set or thread count (float64
+rounding is 500 million times finer than a float32 step); a float32 reference takes half the time, and its bytes are
+the same only on CPUs with the same instruction set. The converted model runs in float32, as users run it, and the last bits of its outputs do
 depend on the CPU; so a difference within tolerance is recorded as passed, without its figure, and the exact figures
 are printed on stderr. A difference beyond tolerance is recorded to FIGURE_DIGITS significant digits.
 """
@@ -35,8 +36,6 @@ from .recording import FIGURE_DIGITS, OUTPUTS, print_figures, recorded
 from .tensor_io import TensorFile, write_json, write_safetensors
 
 STAGE = "verify-outputs"
-# The reference's working precision: float64 makes its float32-rounded outputs the same on every CPU.
-REFERENCE_DTYPE = torch.float64
 
 
 class VerificationError(PipelineError):
@@ -191,11 +190,12 @@ def traced_forward(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, a
     return mask_padding(captured | out, attention_mask)
 
 
-def reference_outputs(original: Mapping[str, torch.Tensor], arch: Mapping, pixel_values, input_ids, attention_mask) -> dict[str, torch.Tensor]:
-    """The reference's entries, in the order it computes them; the one image's entries serve every prompt."""
+def reference_outputs(original: Mapping[str, torch.Tensor], arch: Mapping, pixel_values, input_ids, attention_mask,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The reference's entries in `dtype`, in the order it computes them; the one image's entries serve every prompt."""
     prompts = input_ids.shape[0]
     with torch.inference_mode():
-        out = reference_forward(original, arch, pixel_values, input_ids, REFERENCE_DTYPE)
+        out = reference_forward(original, arch, pixel_values, input_ids, dtype)
     out = {name: t.expand(prompts, *t.shape[1:]) if t.shape[0] == 1 else t for name, t in out.items()}
     return mask_padding(out, attention_mask)
 
@@ -228,8 +228,8 @@ def compare(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch
         if ours.shape != ref.shape:
             raise VerificationError(f"{name}: the converted model gives shape {list(ours.shape)}, the reference {list(ref.shape)}")
         ours, ref = _one_row_if_shared(ours, ref)
-        # Differenced in float64: the stage's reference already is float64 (double() copies nothing), and subtracting
-        # it promotes the converted float32 entry exactly, element by element, without a float64 copy of the entry.
+        # Differenced in float64: a float64 reference (the default) is not copied by double(), and subtracting it
+        # promotes the converted float32 entry exactly, element by element, without a float64 copy of the entry.
         ref = ref.double()
         scale = ref.abs().max().item() if ref.numel() else 0.0
         max_abs = (ours - ref).abs_().max().item() if ref.numel() else 0.0
@@ -295,14 +295,15 @@ def failure_message(comparisons: list[Comparison], published: Mapping[str, dict]
     return "; ".join(parts)
 
 
-def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: float, prompts: int, variant: str) -> dict:
+def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: float, prompts: int, variant: str,
+            reference_dtype: str) -> dict:
     intermediates = [c for c in comparisons if c.name not in OUTPUTS]
     return {
         "stage": STAGE,
         "variant": variant,
         "note": (
             "An output passes when every element of |converted - reference| is within tolerance_atol; the reference runs "
-            "in float64. A passing output is recorded without its figures: they are the converted model's float32 "
+            "in reference_dtype (float64: its outputs are the same bytes on every CPU). A passing output is recorded without its figures: they are the converted model's float32 "
             "rounding noise, whose last bits change with the CPU, so recording them would make this file differ between "
             "machines (verify-outputs prints them on stderr). A failing output records max_abs_diff (the largest "
             "|converted - reference|) and max_rel_diff (the same divided by the largest |reference|), rounded to "
@@ -311,6 +312,7 @@ def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: 
             "to locate a fault, so rtol is not recorded here: changing it does not change what export quotes"
         ),
         "tolerance_atol": atol,
+        "reference_dtype": reference_dtype,
         "prompts": prompts,
         "outputs": {c.name: recorded(c.max_abs_diff, c.max_rel_diff, c.passed) for c in comparisons if c.name in OUTPUTS},
         "intermediates_compared": len(intermediates),
@@ -393,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         published = check_published(model, model_params.expected, image, tok, proc.image_size) if model_params.expected else {}
         del model  # its 600 MB of weights are done with: the reference's float64 entries need the room
         original = TensorFile(args.original / "original.safetensors")
+        reference_dtype = params.verify.reference_dtype
         try:
-            reference = reference_outputs(original, model_params.architecture, pixels, ids["input_ids"], ids["attention_mask"])
+            reference = reference_outputs(original, model_params.architecture, pixels, ids["input_ids"], ids["attention_mask"],
+                                          getattr(torch, reference_dtype))
         except ValueError as exc:
             raise VerificationError(
                 f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
@@ -407,10 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         write_safetensors(args.out / "reference.safetensors", {
             "pixel_values": pixels, "input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
             **{name: reference[name].float().contiguous() for name in OUTPUTS},
-        }, {"stage": STAGE, "variant": args.variant, "reference_dtype": "float64, stored rounded to float32"})
-        # The original's prediction (the converted model's agrees within atol): float64, so the same pixels everywhere.
+        }, {"stage": STAGE, "variant": args.variant, "reference_dtype": f"{reference_dtype}, stored rounded to float32"})
+        # The original's prediction (the converted model's agrees within atol), drawn in float64: from a float64
+        # reference, the same pixels everywhere.
         write_mask_pictures(image, reference["logits"], model_params.prompts, args.out / "masks")
-        write_json(args.metrics, metrics(comparisons, published, atol, len(model_params.prompts), args.variant))
+        write_json(args.metrics, metrics(comparisons, published, atol, len(model_params.prompts), args.variant, reference_dtype))
         message = failure_message(comparisons, published)
         if message:
             raise VerificationError(message)

@@ -82,6 +82,7 @@ def test_no_models_at_all():
     [
         ("download", r"`\(top level\)` lacks \['download'\]"),
         ("download.max_member_bytes", r"`download` lacks \['max_member_bytes'\]"),
+        ("verify.reference_dtype", r"`verify` lacks \['reference_dtype'\]"),
         (f"{TINY}.architecture.vision.patch_size", rf"`{TINY}.architecture.vision` lacks \['patch_size'\]"),
         (f"{TINY}.sources.clip.sha256", rf"`{TINY}.sources.clip` lacks \['sha256'\]"),
         (f"{TINY}.sources.image", rf"`{TINY}.sources` lacks the source\(s\) \['image'\]"),
@@ -202,6 +203,7 @@ def test_extract_layers_out_of_range(layers):
         ("download.retries", -1, r"`download.retries` must be 0 or more, found -1"),
         ("download.timeout_s", 0, r"`download.timeout_s` must be a positive number of seconds, found 0"),
         ("verify.atol", -1e-4, r"`verify.atol` must be 0 or more"),
+        ("verify.reference_dtype", "float16", r"`verify.reference_dtype` is 'float16'; allowed: \['float64', 'float32'\]"),
         ("export.atol.float16", -1, r"`export.atol.float16` must be 0 or more"),
         ("processor.image_size", 0, r"`processor.image_size` must be 1 or more"),
         (f"{TINY}.architecture.text.vocab_size", 0, rf"`{TINY}.architecture.text.vocab_size` must be 1 or more"),

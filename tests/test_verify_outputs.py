@@ -265,6 +265,23 @@ def test_metrics_reference_and_pictures_are_byte_identical_across_runs(tiny, tin
         assert (first.out / name).read_bytes() == (second.out / name).read_bytes(), name
 
 
+def test_a_float32_reference_is_used_and_recorded_when_params_ask_for_it(tiny, tiny_verified, tmp_path):
+    data = yaml.safe_load(tiny.params.read_text(encoding="utf-8"))
+    data["verify"]["reference_dtype"] = "float32"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    run = run_verify(tiny, tmp_path, params=params)
+    check_passed(run)
+    assert run.metrics["reference_dtype"] == "float32" and tiny_verified.metrics["reference_dtype"] == "float64"
+    ours, default = (TensorFile(r.out / "verify" / "reference.safetensors") for r in (run, tiny_verified))
+    assert ours.metadata["reference_dtype"] == "float32, stored rounded to float32"
+    assert default.metadata["reference_dtype"] == "float64, stored rounded to float32"
+    # Computed in float32 indeed: its outputs are not the float64 reference's float32 rounding, but agree with them
+    # far within verify.atol.
+    assert not torch.equal(ours["logits"], default["logits"])
+    torch.testing.assert_close(ours["logits"], default["logits"], atol=1e-4 / 4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def full_rd64(tmp_path_factory) -> Built:
     return build(tmp_path_factory.mktemp("full-rd64"), full_arch("vit-b16-rd64"), "rd64-uni.pth", FULL_SIZE_PROMPTS)
@@ -471,7 +488,7 @@ def test_non_finite_values_fail_and_are_named():
     comparisons = verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
     message = verify_outputs.failure_message(comparisons, {})
     assert "differs from the reference in logits (NaN or Inf values)" in message
-    metrics = verify_outputs.metrics(comparisons, {}, 1e-4, 2, VARIANT)
+    metrics = verify_outputs.metrics(comparisons, {}, 1e-4, 2, VARIANT, "float64")
     assert metrics["outputs"]["logits"] == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
     json.dumps(metrics, allow_nan=False)  # what write_json requires
 
