@@ -126,9 +126,10 @@ parsed; an unpinned one is marked.
 ## Verification
 
 The converted model was run next to an independent implementation of the original forward pass on the same inputs
-(the reference image, prompts {{ prompts }}); the reference ran in {{ reference_dtype }}. The largest absolute difference over
-every element is within tolerance for each output (a model that fails is not exported). Each is given as that bound:
-its exact figure changes in the last bits from one CPU to another, and this card reads the same on every machine.
+(the reference image, prompts {{ prompts }}); the reference ran in {{ reference_dtype }}. The largest absolute
+difference over every element is within tolerance for each output (a model that fails is not exported). Each is
+given as that bound: its exact figure changes in the last bits from one CPU to another, and this card reads the same
+on every machine.
 {%- if dtype != "float32" %} The {{ dtype }} weights, exactly as this folder stores them, were run through that
 implementation too, computing in float32; computing in {{ dtype }} adds the rounding of your runtime's arithmetic.
 {%- endif %}

@@ -12,9 +12,10 @@ Writes a metrics JSON, the reference outputs (for export's check) and one mask p
 Same bytes on every machine: the reference runs in float64 (params verify.reference_dtype), so the float32 outputs it
 stores and the mask pictures drawn from its logits do not depend on the CPU's instruction set or thread count (float64
 rounding is 500 million times finer than a float32 step); a float32 reference takes half the time, and its bytes are
-the same only on CPUs with the same instruction set. The converted model runs in float32, as users run it, and the last bits of its outputs do
-depend on the CPU; so a difference within tolerance is recorded as passed, without its figure, and the exact figures
-are printed on stderr. A difference beyond tolerance is recorded to FIGURE_DIGITS significant digits.
+the same only on CPUs with the same instruction set. The converted model runs in float32, as users run it, and the
+last bits of its outputs do depend on the CPU; so a difference within tolerance is recorded as passed, without its
+figure, and the exact figures are printed on stderr. A difference beyond tolerance is recorded to FIGURE_DIGITS
+significant digits.
 """
 
 from __future__ import annotations
@@ -303,9 +304,10 @@ def metrics(comparisons: list[Comparison], published: Mapping[str, dict], atol: 
         "variant": variant,
         "note": (
             "An output passes when every element of |converted - reference| is within tolerance_atol; the reference runs "
-            "in reference_dtype (float64: its outputs are the same bytes on every CPU). A passing output is recorded without its figures: they are the converted model's float32 "
-            "rounding noise, whose last bits change with the CPU, so recording them would make this file differ between "
-            "machines (verify-outputs prints them on stderr). A failing output records max_abs_diff (the largest "
+            "in reference_dtype (float64: its outputs are the same bytes on every CPU). A passing output is recorded "
+            "without its figures: they are the converted model's float32 rounding noise, whose last bits change with the "
+            "CPU, so recording them would make this file differ between machines (verify-outputs prints them on stderr). "
+            "A failing output records max_abs_diff (the largest "
             "|converted - reference|) and max_rel_diff (the same divided by the largest |reference|), rounded to "
             f"{FIGURE_DIGITS} significant digits. "
             "Intermediates pass within atol + rtol * their largest |reference| (params verify.rtol), which only serves "
