@@ -295,20 +295,24 @@ def test_model_card_metadata_sources_and_verification(tiny_pipeline):  # noqa: F
     assert text.endswith("```\n")
 
 
+def rd64_card(verify: dict) -> model_card.CardInputs:
+    """The model card's inputs for a float32 clipseg-rd64 export with the given verify report."""
+    arch = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["models"]["clipseg-rd64"]["architecture"]
+    return model_card.CardInputs(
+        variant="clipseg-rd64", dtype="float32", architecture=arch, image_size=352, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3, prompts=["a cat"], sources=[], verify=verify, export_atol=1e-4,
+        export_outputs={"logits": {"passed": True}}, transformers_version="5.24.0", project_version="0.1.0",
+    )
+
+
 def test_model_card_shows_the_published_check_when_there_is_one():
-    verify = {
+    text = model_card.render(rd64_card({
         "outputs": {"logits": {"passed": True}},
         "passed": True,
         "tolerance_atol": 1e-4,
         "reference_dtype": "float32",
         "published_check": {"logits": {"tolerance": 1e-3, "passed": True}},
-    }
-    arch = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["models"]["clipseg-rd64"]["architecture"]
-    text = model_card.render(model_card.CardInputs(
-        variant="clipseg-rd64", dtype="float32", architecture=arch, image_size=352, image_mean=[0.5] * 3,
-        image_std=[0.5] * 3, prompts=["a cat"], sources=[], verify=verify, export_atol=1e-4,
-        export_outputs={"logits": {"passed": True}}, transformers_version="5.24.0", project_version="0.1.0",
-    ))
+    }))
     assert "| logits | within 0.001 | 0.001 | True |" in text
     assert "| logits | within 0.0001 | within 0.0001 |" in text
     assert "No published check values" not in text
@@ -317,12 +321,7 @@ def test_model_card_shows_the_published_check_when_there_is_one():
 
 
 def test_model_card_refuses_a_verify_report_without_the_reference_dtype():
-    arch = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["models"]["clipseg-rd64"]["architecture"]
-    card = model_card.CardInputs(
-        variant="clipseg-rd64", dtype="float32", architecture=arch, image_size=352, image_mean=[0.5] * 3,
-        image_std=[0.5] * 3, prompts=["a cat"], sources=[], verify={"outputs": {"logits": {"passed": True}}, "passed": True},
-        export_atol=1e-4, export_outputs={"logits": {"passed": True}}, transformers_version="5.24.0", project_version="0.1.0",
-    )
+    card = rd64_card({"outputs": {"logits": {"passed": True}}, "passed": True, "tolerance_atol": 1e-4})
     with pytest.raises(model_card.ModelCardError, match=r"verify report lacks reference_dtype .*rerun the verify-outputs stage"):
         model_card.render(card)
 
