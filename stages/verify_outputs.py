@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model)
         converted = traced_forward(model, pixels, ids["input_ids"], ids["attention_mask"])
         published = check_published(model, model_params.expected, image, tok, proc.image_size) if model_params.expected else {}
-        del model  # its 600 MB of weights are done with: the reference's float64 entries need the room
+        del model  # its 600 MB of weights are done with: the reference's entries (float64 by default) need the room
         original = TensorFile(args.original / "original.safetensors")
         reference_dtype = params.verify.reference_dtype
         try:
