@@ -17,7 +17,7 @@ import numpy as np
 
 from . import params as params_mod
 from .errors import exit_now, run_stage
-from .hf_layout import BuildError, check_shapes, config_dict, state_dict_shapes
+from .hf_layout import WEIGHTS_FILE, BuildError, check_shapes, config_dict, state_dict_shapes
 from .tensor_io import LazyTensors, Spec, TensorFile, dtype_name, write_json, write_safetensors
 
 STAGE = "build-model"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         # The metadata an export in this dtype carries too, so that export can pass this very file on (export.py).
         metadata = weights_metadata(args.variant, BUILD_DTYPE, source.metadata.get("source_sha256", ""))
-        write_safetensors(args.out / "model.safetensors", tensors, metadata)
+        write_safetensors(args.out / WEIGHTS_FILE, tensors, metadata)
         write_json(args.out / "config.json", config_dict(model_params.architecture))
         write_json(args.report, {
             "stage": STAGE,

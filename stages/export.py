@@ -30,7 +30,7 @@ from . import model_card
 from . import params as params_mod
 from .build_model import weights_metadata
 from .errors import PipelineError, exit_now, run_stage
-from .hf_layout import architecture_of, check_shapes, state_dict_shapes
+from .hf_layout import WEIGHTS_FILE, architecture_of, check_shapes, state_dict_shapes
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
 from .original import clip_shapes, decoder_shapes
 from .recording import OUTPUTS, print_figures, recorded
@@ -38,7 +38,6 @@ from .remap_weights import OriginalLayout
 from .tensor_io import FileHash, LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
 
 STAGE = "export"
-WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 CARD = "README.md"
 # What from_pretrained, the Hub's widgets and AutoModel read to pick the class; build-model's config leaves it empty.
@@ -115,14 +114,14 @@ def write_weights(model_dir: Path, out: Path, dtype: str, variant: str, built_ha
     from `built_hash` (taken while the stage imported its libraries) when that is the same file. Other dtypes are
     hashed as they are written.
     """
-    source_path = model_dir / WEIGHTS
+    source_path = model_dir / WEIGHTS_FILE
     source = TensorFile(source_path)
     metadata = weights_metadata(variant, dtype, source.metadata.get("source_sha256", ""))
     if source.metadata == metadata and all(spec.dtype == dtype_name(dtype) for spec in source.specs.values()):
-        link_or_copy(source_path, out / WEIGHTS)
-        digest = (built_hash and built_hash.of(out / WEIGHTS)) or sha256_file(out / WEIGHTS)
+        link_or_copy(source_path, out / WEIGHTS_FILE)
+        digest = (built_hash and built_hash.of(out / WEIGHTS_FILE)) or sha256_file(out / WEIGHTS_FILE)
     else:
-        digest = write_safetensors(out / WEIGHTS, cast_tensors(source, dtype), metadata, sha256=True)
+        digest = write_safetensors(out / WEIGHTS_FILE, cast_tensors(source, dtype), metadata, sha256=True)
     config = export_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), dtype)
     write_json(out / "config.json", config)
     return config, digest
@@ -159,7 +158,7 @@ def check_loadable(out: Path) -> dict:
     A float32 export holds the verified model's very bytes (write_weights), so verify-outputs' comparison is this
     folder's: checking that it loads needs no second forward pass.
     """
-    exported = TensorFile(out / WEIGHTS)
+    exported = TensorFile(out / WEIGHTS_FILE)
     try:
         arch = architecture_of(json.loads((out / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -185,7 +184,7 @@ def check_outputs(out: Path, arch: Mapping, reference: TensorFile, dtype: str, a
     from .reference import reference_forward
 
     torch.set_num_threads(threads)  # params verify.threads: a fixed count keeps the last bits the same everywhere
-    original = OriginalLayout(TensorFile(out / WEIGHTS), clip_shapes(arch) | decoder_shapes(arch))
+    original = OriginalLayout(TensorFile(out / WEIGHTS_FILE), clip_shapes(arch) | decoder_shapes(arch))
     try:
         with torch.inference_mode():
             got = reference_forward(original, arch, reference["pixel_values"], reference["input_ids"], torch.float32)
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         passes_on = params_mod.load(args.params).model(args.variant).dtype == "float32"
     except PipelineError:
         passes_on = False
-    built_hash = FileHash(args.model / WEIGHTS) if passes_on else None
+    built_hash = FileHash(args.model / WEIGHTS_FILE) if passes_on else None
     # Every export loads its tokenizer with transformers: imported with the rest of the start-up, not inside the work.
     from transformers import CLIPTokenizer  # noqa: F401
 
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             ))
             with atomic_output(staging / CARD, "w") as handle:
                 handle.write(card)
-            manifest = write_manifest(staging, {WEIGHTS: weights_sha256})
+            manifest = write_manifest(staging, {WEIGHTS_FILE: weights_sha256})
             shutil.rmtree(args.out, ignore_errors=True)
             staging.rename(args.out)
         finally:

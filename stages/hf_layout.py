@@ -19,6 +19,8 @@ from pathlib import Path
 from .errors import PipelineError
 
 CONFIG_TEMPLATE = Path(__file__).with_name("clipseg_config.template.json")
+# The weights file of a Hugging Face model folder, the name from_pretrained looks for.
+WEIGHTS_FILE = "model.safetensors"
 
 # The published configs carry these text token ids; with eos_token_id == 2 the model pools the text at the argmax of
 # the ids, which is what the original does (see ORIGINAL_FORMAT.md, "Text pooling").

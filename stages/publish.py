@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PipelineError, exit_now, run_stage
+from .hf_layout import WEIGHTS_FILE
 from .tensor_io import sha256_file
 
 STAGE = "publish"
 MANIFEST = "manifest.json"
 # A folder without these is no model, whatever its manifest says.
-REQUIRED_FILES = ("model.safetensors", "config.json")
+REQUIRED_FILES = (WEIGHTS_FILE, "config.json")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -116,11 +117,11 @@ def commit_text(folder: Path, entries: list[FileEntry], revision: str | None) ->
     from .model_card import PROJECT, project_version
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    weights = next(e for e in entries if e.name == "model.safetensors")
+    weights = next(e for e in entries if e.name == WEIGHTS_FILE)
     message = f"Upload CLIPSeg ({config.get('dtype', 'float32')}) exported by {PROJECT} {project_version()}"
     description = "\n".join([
         f"Published from {PROJECT} {project_version()}" + (f", git {revision}" if revision else "") + ".",
-        f"model.safetensors sha256 {weights.sha256}; every file's size and sha256 is in {MANIFEST}.",
+        f"{WEIGHTS_FILE} sha256 {weights.sha256}; every file's size and sha256 is in {MANIFEST}.",
     ])
     return message, description
 

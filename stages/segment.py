@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from .errors import PipelineError, exit_now, run_stage
+from .hf_layout import WEIGHTS_FILE
 
 STAGE = "segment"
 CONTACT_SHEET = "contact-sheet.png"
 # What from_pretrained needs from an export; anything less is not a model folder.
-REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "vocab.json", "merges.txt")
+REQUIRED_FILES = ("config.json", WEIGHTS_FILE, "preprocessor_config.json", "vocab.json", "merges.txt")
 
 
 class SegmentError(PipelineError):

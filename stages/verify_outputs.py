@@ -30,6 +30,7 @@ import torch
 
 from . import params as params_mod
 from .errors import PipelineError, exit_now, run_stage
+from .hf_layout import WEIGHTS_FILE
 from .inputs import load_image, pixel_values, token_ids, tokenizer
 from .pictures import write_mask_pictures
 from .reference import reference_forward
@@ -346,7 +347,7 @@ def load_model(directory: Path):
         config = CLIPSegConfig.from_pretrained(directory)
         with no_init_weights():  # every weight is replaced below: initialising 600 MB would be wasted
             model = CLIPSegForImageSegmentation(config)
-        weights = load_file(directory / "model.safetensors")
+        weights = load_file(directory / WEIGHTS_FILE)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise VerificationError(f"{directory}: the model does not load ({str(exc).splitlines()[0]}); rerun build-model") from exc
 
