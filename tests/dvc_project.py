@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from tests.pipeline_fixture import edited_params
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a clone of the project needs to run the pipeline: code, pipeline, settings, the DVC config (not its cache) and
 # the committed synthetic sources.
@@ -154,9 +156,7 @@ class Project:
 
     def edit_params(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Load params.yaml, let `change` modify it in place, write it back (comments are not kept)."""
-        params = self.params()
-        change(params)
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+        edited_params(self.root / "params.yaml", change)
 
     def digests(self, variant: str = VARIANT) -> dict[str, str]:
         """sha256 of dvc.lock and of every file the pipeline wrote for `variant`, by path relative to the root."""

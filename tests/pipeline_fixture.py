@@ -12,6 +12,7 @@ Every module that imports it shares one run (about 30 s): the result is cached h
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,21 +65,31 @@ class TinyPipeline:
         ]
 
 
+def edited_params(source: Path, change: Callable[[dict], None], target: Path | None = None) -> Path:
+    """The params file `source` with `change` applied to its data (in place), written to `target` (by default back to
+    `source`); comments are not kept."""
+    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    change(data)
+    target = source if target is None else target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return target
+
+
 def write_params(path: Path, *, dtype: str = "float32", sources: dict | None = None) -> Path:
     """The repository's params.yaml building only clipseg-tiny, its sources read in place from data/synthetic/.
 
     `sources` replaces the variant's sources (e.g. to take the tokenizer from CLIP's bpe gz instead).
     """
-    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    data["variants"] = [VARIANT]
-    model = data["models"][VARIANT]
-    if sources is None:
-        sources = {name: {**source, "url": str(REPO / source["url"])} for name, source in model["sources"].items()}
-    model["sources"] = sources
-    model["export"] = {"dtype": dtype}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
+
+    def tiny_only(data: dict) -> None:
+        data["variants"] = [VARIANT]
+        model = data["models"][VARIANT]
+        in_place = {name: {**source, "url": str(REPO / source["url"])} for name, source in model["sources"].items()}
+        model["sources"] = in_place if sources is None else sources
+        model["export"] = {"dtype": dtype}
+
+    return edited_params(REPO / "params.yaml", tiny_only, path)
 
 
 def run_pipeline(root: Path) -> TinyPipeline:

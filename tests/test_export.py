@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 
 from stages import export, model_card
 from stages.tensor_io import TensorFile, sha256_file
-from tests.pipeline_fixture import REPO, VARIANT, copy_export, tiny_pipeline, write_params  # noqa: F401
+from tests.pipeline_fixture import REPO, VARIANT, copy_export, edited_params, tiny_pipeline, write_params  # noqa: F401
 
 EXPORT_FILES = {
     "README.md", "config.json", "manifest.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
@@ -29,9 +29,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 def export_with_dtype(run, tmp_path: Path, dtype: str, atol: float | None = None) -> tuple[int, Path, Path]:
     params = write_params(tmp_path / "params.yaml", dtype=dtype)
     if atol is not None:
-        data = yaml.safe_load(params.read_text(encoding="utf-8"))
-        data["export"]["atol"][dtype] = atol
-        params.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        edited_params(params, lambda p: p["export"]["atol"].update({dtype: atol}))
     out, report = tmp_path / "hf", tmp_path / "export.json"
     return export.main(run.export_argv(out, report, params)), out, report
 

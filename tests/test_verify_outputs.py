@@ -25,8 +25,8 @@ import yaml
 
 from stages import build_model, download, remap_weights, synthetic, verify_outputs
 from stages.tensor_io import TensorFile, write_safetensors
+from tests.pipeline_fixture import REPO, edited_params
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANT = "v"
 SEED = 0
 # Of different lengths, so padding and the pooled position differ between prompts.
@@ -68,15 +68,12 @@ class Built:
 
 def write_params(path: Path, arch: dict, sources: dict[str, Path], member: str, prompts: list[str]) -> Path:
     """The repository's params.yaml with one variant, `v`, whose sources are the synthetic files (pinned)."""
-    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     pinned = {name: {"url": str(sources[name]), "sha256": synthetic.sha256_file(sources[name])}
               for name in ("clip", "vocab", "merges", "image")}
     pinned["decoder"] = {"url": str(sources["decoder"]), "sha256": synthetic.sha256_file(sources["decoder"]), "member": member}
-    data["variants"] = [VARIANT]
-    data["models"] = {VARIANT: {"architecture": arch, "sources": pinned, "verify": {"prompts": prompts},
-                                "expected": None, "export": {"dtype": "float32"}}}
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
+    only_v = {VARIANT: {"architecture": arch, "sources": pinned, "verify": {"prompts": prompts},
+                        "expected": None, "export": {"dtype": "float32"}}}
+    return edited_params(REPO / "params.yaml", lambda data: data.update(variants=[VARIANT], models=only_v), path)
 
 
 def build(root: Path, arch: dict, member: str, prompts: list[str] = PROMPTS) -> Built:
@@ -168,9 +165,8 @@ def test_published_values_are_checked_through_the_models_forward_on_their_first_
     }  # fmt: skip
 
     def run_with(expected: dict, name: str) -> Verified:
-        params["models"][VARIANT]["expected"] = expected
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-        return run_verify(tiny, tmp_path / name, params=tmp_path / f"{name}.yaml")
+        changed = edited_params(tiny.params, lambda p: p["models"][VARIANT].update(expected=expected), tmp_path / f"{name}.yaml")
+        return run_verify(tiny, tmp_path / name, params=changed)
 
     # The stage runs the first prompt alone, the image once: its row is the batch's.
     agrees = run_with(published, "agrees")
@@ -266,10 +262,7 @@ def test_metrics_reference_and_pictures_are_byte_identical_across_runs(tiny, tin
 
 
 def test_a_float32_reference_is_used_and_recorded_when_params_ask_for_it(tiny, tiny_verified, tmp_path):
-    data = yaml.safe_load(tiny.params.read_text(encoding="utf-8"))
-    data["verify"]["reference_dtype"] = "float32"
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    params = edited_params(tiny.params, lambda p: p["verify"].update(reference_dtype="float32"), tmp_path / "params.yaml")
     run = run_verify(tiny, tmp_path, params=params)
     check_passed(run)
     assert run.metrics["reference_dtype"] == "float32" and tiny_verified.metrics["reference_dtype"] == "float64"
@@ -387,11 +380,10 @@ def test_a_layer_norm_left_at_its_initial_value_is_caught(tiny, tmp_path, norm, 
 
 def test_refined_weights_under_a_plain_architecture_are_refused_by_remap(tiny_refined, tmp_path, capsys):
     # The realistic slip: a refined variant's params copied from a plain one, the flag left false.
-    params = yaml.safe_load(tiny_refined.params.read_text(encoding="utf-8"))
-    params["models"][VARIANT]["architecture"]["use_complex_transposed_convolution"] = False
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    params = edited_params(tiny_refined.params, lambda p: p["models"][VARIANT]["architecture"].update(
+        use_complex_transposed_convolution=False), tmp_path / "params.yaml")
     capsys.readouterr()
-    assert remap_weights.main(tiny_refined.remap_argv(tmp_path, tmp_path / "params.yaml")) == 1
+    assert remap_weights.main(tiny_refined.remap_argv(tmp_path, params)) == 1
     assert (f"the decoder is a refined one (trans_conv.0/2/4) but models.{VARIANT}.architecture."
             "use_complex_transposed_convolution is false: set it to true") in capsys.readouterr().err
     assert not (tmp_path / "remapped.safetensors").exists()
@@ -412,10 +404,9 @@ def test_model_folder_whose_config_disagrees_with_its_weights_is_refused(tiny, t
 
 
 def test_plain_original_verified_against_a_refined_architecture_is_refused(tiny, tmp_path):
-    params = yaml.safe_load(tiny.params.read_text(encoding="utf-8"))
-    params["models"][VARIANT]["architecture"]["use_complex_transposed_convolution"] = True
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    run = run_verify(tiny, tmp_path, params=tmp_path / "params.yaml")
+    params = edited_params(tiny.params, lambda p: p["models"][VARIANT]["architecture"].update(
+        use_complex_transposed_convolution=True), tmp_path / "params.yaml")
+    run = run_verify(tiny, tmp_path, params=params)
     assert run.code == 1
     message = error_line(run.stderr)
     assert f"the reference cannot run {tiny.original / 'original.safetensors'} with models.{VARIANT}.architecture" in message
