@@ -3,7 +3,8 @@
 Writes model.safetensors (in the variant's export dtype), config.json, preprocessor_config.json (the published
 processor: 352x352, bilinear, ImageNet mean/std), vocab.json, merges.txt, tokenizer_config.json,
 special_tokens_map.json, README.md (the model card: sources, settings, verification, usage) and manifest.json (every
-other file's size and sha256). The same inputs give the same bytes.
+other file's size and sha256). The same inputs give the same bytes. A float16 or bfloat16 export's weights are cast
+(numpy, rounded as torch rounds) and written by a forked process while the stage imports its libraries.
 
 What is checked before the folder is moved into place: its tokenizer, loaded by transformers' CLIPTokenizer, gives
 verify-outputs' token ids for its prompts; config.json describes exactly the tensors in model.safetensors. A float32
@@ -35,7 +36,7 @@ from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
 from .original import clip_shapes, decoder_shapes
 from .recording import OUTPUTS, print_figures, recorded
 from .remap_weights import OriginalLayout
-from .tensor_io import FileHash, LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, sha256_file, spec_of, write_json, write_safetensors
+from .tensor_io import FileHash, LazyTensors, Spec, TensorFile, atomic_output, dtype_name, link_or_copy, numpy_dtype, sha256_file, spec_of, write_json, write_safetensors
 
 STAGE = "export"
 MANIFEST = "manifest.json"
@@ -81,47 +82,141 @@ def tokenizer_config() -> dict:
     }
 
 
-def cast_tensors(source: Mapping, dtype: str) -> LazyTensors:
-    """Every tensor (torch) in `dtype`, cast one at a time as it is written; refuses a weight that does not fit the
-    dtype (float16 overflows beyond 65504; bfloat16 has float32's range)."""
-    import torch
+LOW_PRECISION = ("float16", "bfloat16")
+# float16's largest value is 65504; from halfway to the next step up (65520) a float32 rounds to inf.
+FLOAT16_OVERFLOW = 65520.0
+# Elements cast at a time to bfloat16: a chunk and its scratch stay in the CPU's cache through the five passes over it
+# (twice as fast as whole-tensor passes at full size).
+CAST_CHUNK = 1 << 16
+BFLOAT16_NAN = 0x7FC0  # bfloat16's quiet NaN
 
-    target = getattr(torch, dtype)
 
-    def cast(name: str):
-        tensor = source[name].to(target)
-        if target == torch.float16 and tensor.numel():
-            low, high = torch.aminmax(tensor)  # an overflow shows as inf; aminmax is far cheaper than isfinite
-            if low.isinf() or high.isinf():
-                raise ExportError(
-                    f"tensor {name!r} does not fit {dtype} (values become inf); set models.<variant>.export.dtype to "
-                    "bfloat16 or float32 in params.yaml"
-                )
-        return tensor
+def to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 values -> bfloat16's raw bits (uint16, as TensorFile "np" reads them back): rounded to the nearest,
+    ties to even, as torch rounds; every NaN becomes the quiet NaN of torch's scalar conversion (built weights hold
+    none). numpy has no bfloat16; tests hold this to torch."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint32)
+    out = np.empty(bits.shape, dtype=np.uint16)
+    scratch = np.empty(min(bits.size, CAST_CHUNK), dtype=np.uint32)
+    for start in range(0, bits.size, CAST_CHUNK):
+        chunk = bits[start : start + CAST_CHUNK]
+        rounded = scratch[: chunk.size]
+        # Add just under half of the dropped 16 bits' range, plus the kept lowest bit (a tie then rounds to even), and
+        # keep the top 16 bits. A carry runs on into the exponent, as it should (the largest floats become inf).
+        np.right_shift(chunk, 16, out=rounded)
+        rounded &= 1
+        rounded += 0x7FFF
+        rounded += chunk
+        rounded >>= 16
+        out[start : start + CAST_CHUNK] = rounded
+        nan = np.isnan(chunk.view(np.float32))  # a NaN's payload bits may carry into the sign: NaN is set outright
+        if nan.any():
+            out[start : start + CAST_CHUNK][nan] = BFLOAT16_NAN
+    return out.reshape(np.shape(array))
 
-    return LazyTensors({name: Spec(dtype_name(dtype), spec_of(source, name).shape) for name in source}, cast)
+
+def cast_array(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
+    """One float32 tensor in `dtype` (bfloat16 as its raw bits); refuses a weight that float16 cannot hold (it would
+    become inf; bfloat16 has float32's range)."""
+    if array.dtype != np.float32:
+        raise ExportError(f"tensor {name!r} is {array.dtype}; export casts build-model's float32 weights: rerun build-model")
+    if dtype == "bfloat16":
+        return to_bfloat16_bits(array)
+    if dtype == "float16":
+        if array.size and max(float(array.max()), -float(array.min())) >= FLOAT16_OVERFLOW:
+            raise ExportError(
+                f"tensor {name!r} does not fit {dtype} (values become inf); set models.<variant>.export.dtype to "
+                "bfloat16 or float32 in params.yaml"
+            )
+        return np.asarray(array.astype(np.float16))
+    return np.asarray(array, dtype=numpy_dtype(dtype_name(dtype)))
+
+
+def cast_tensors(source: Mapping[str, np.ndarray], dtype: str) -> LazyTensors:
+    """Every tensor (numpy, e.g. a TensorFile read as "np") in `dtype`, cast one at a time as it is written."""
+    return LazyTensors({name: Spec(dtype_name(dtype), spec_of(source, name).shape) for name in source},
+                       lambda name: cast_array(name, source[name], dtype))
+
+
+def write_cast_weights(source_path: Path, path: Path, dtype: str, metadata: Mapping[str, str]) -> str:
+    """model.safetensors at `path`: the tensors of `source_path` cast to `dtype`; returns its sha256."""
+    return write_safetensors(path, cast_tensors(TensorFile(source_path, framework="np"), dtype), metadata, sha256=True)
+
+
+class BackgroundCast:
+    """write_cast_weights run by a forked process, started before the stage imports transformers and torch: the imports
+    are one core's interpreter work, the casting, writing and hashing (numpy and the kernel, 0.5-1 s at full size) the
+    other's, and the stage's work no longer waits for them. A thread would wait for the interpreter lock between its
+    steps, tensor after tensor, while the imports hold it (measured at full size: a numpy thread hid about half of the
+    writing, a torch one none). `start` gives None where no process can be forked; the stage then writes the weights
+    itself."""
+
+    def __init__(self, job: tuple[Path, Path, str, dict]):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.job = job
+        # Forked before torch exists in this process: the child is this small interpreter, numpy and the file.
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        self._future = self._pool.submit(write_cast_weights, *job)
+
+    @classmethod
+    def start(cls, model_dir: Path, out: Path, dtype: str, variant: str) -> BackgroundCast | None:
+        """The cast write_weights would make, started; None where processes cannot be forked or the built file cannot
+        be read (the stage's body then writes it, or says what is wrong with it)."""
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return None
+        try:
+            return cls(weights_job(model_dir, out, dtype, variant))
+        except (PipelineError, OSError):  # an unreadable built file, or no process to be had
+            return None
+
+    def result(self) -> str:
+        """The written file's sha256; raises what the writing raised."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._future.result()
+        except BrokenProcessPool as exc:
+            raise ExportError(f"the process writing {self.job[1]} ended without finishing it ({exc}); was it killed "
+                              "(out of memory)? Rerun export") from exc
+
+    def close(self) -> None:
+        """Wait for the process to end (its output folder may be removed after this)."""
+        self._pool.shutdown(wait=True)
 
 
 def export_config(config: Mapping, dtype: str) -> dict:
     return {**config, "architectures": ARCHITECTURES, "dtype": dtype}
 
 
-def write_weights(model_dir: Path, out: Path, dtype: str, variant: str, built_hash: FileHash | None = None) -> tuple[dict, str]:
+def weights_job(model_dir: Path, out: Path, dtype: str, variant: str) -> tuple[Path, Path, str, dict]:
+    """What write_weights writes: (the built file, the folder's file, the dtype, the folder's file's metadata)."""
+    source_path = model_dir / WEIGHTS_FILE
+    metadata = weights_metadata(variant, dtype, TensorFile(source_path).metadata.get("source_sha256", ""))
+    return source_path, out / WEIGHTS_FILE, dtype, metadata
+
+
+def write_weights(model_dir: Path, out: Path, dtype: str, variant: str, built_hash: FileHash | None = None,
+                  background: BackgroundCast | None = None) -> tuple[dict, str]:
     """model.safetensors and config.json in `dtype`; returns the config written and model.safetensors' sha256.
 
     When the built file already is what this export would write (float32, this variant's metadata), it is passed on
     as it is, hard-linked where the filesystem allows: the same bytes, without writing 600 MB again, and their sha256
     from `built_hash` (taken while the stage imported its libraries) when that is the same file. Other dtypes are
-    hashed as they are written.
+    hashed as they are written: by `background` when it was started for this very file, else here.
     """
-    source_path = model_dir / WEIGHTS_FILE
+    job = source_path, path, _, metadata = weights_job(model_dir, out, dtype, variant)
     source = TensorFile(source_path)
-    metadata = weights_metadata(variant, dtype, source.metadata.get("source_sha256", ""))
     if source.metadata == metadata and all(spec.dtype == dtype_name(dtype) for spec in source.specs.values()):
-        link_or_copy(source_path, out / WEIGHTS_FILE)
-        digest = (built_hash and built_hash.of(out / WEIGHTS_FILE)) or sha256_file(out / WEIGHTS_FILE)
+        link_or_copy(source_path, path)
+        digest = (built_hash and built_hash.of(path)) or sha256_file(path)
+    elif background is not None and background.job == job:
+        digest = background.result()
     else:
-        digest = write_safetensors(out / WEIGHTS_FILE, cast_tensors(source, dtype), metadata, sha256=True)
+        digest = write_cast_weights(*job)
     config = export_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), dtype)
     write_json(out / "config.json", config)
     return config, digest
@@ -237,16 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the Hugging Face model folder to write")
     parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
     args = parser.parse_args(argv)
-    # A float32 export passes the built file on and lists its sha256 (600 MB to read and hash at full size): hashed on
-    # a second thread while transformers is imported, one core's work of the same length. Bad params are reported by
-    # the body, as always.
+    # Build the folder beside its destination and move it into place only once it loads and checks out, so a killed
+    # or failed export never leaves a half-written model folder at the output path.
+    staging = args.out.with_name(f".{args.out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    # What needs no library starts before the imports, on the other core (bad params are reported by the body, as
+    # always): a float32 export passes the built file on and lists its sha256 (600 MB to read and hash at full size),
+    # hashed on a second thread; a float16 or bfloat16 export's weights are cast, written and hashed by a forked process.
     try:
-        passes_on = params_mod.load(args.params).model(args.variant).dtype == "float32"
+        dtype = params_mod.load(args.params).model(args.variant).dtype
     except PipelineError:
-        passes_on = False
-    built_hash = FileHash(args.model / WEIGHTS_FILE) if passes_on else None
-    # Every export loads its tokenizer with transformers: imported with the rest of the start-up, not inside the work.
-    from transformers import CLIPTokenizer  # noqa: F401
+        dtype = None
+    built_hash = FileHash(args.model / WEIGHTS_FILE) if dtype == "float32" else None
+    background = BackgroundCast.start(args.model, staging, dtype, args.variant) if dtype in LOW_PRECISION else None
 
     def body() -> None:
         params = params_mod.load(args.params)
@@ -261,41 +360,33 @@ def main(argv: list[str] | None = None) -> int:
             )
         atol = params.export_atol[model.dtype]
         proc = params.processor
-        # Build the folder beside its destination and move it into place only once it loads and checks out, so a
-        # killed or failed export never leaves a half-written model folder at the output path.
-        staging = args.out.with_name(f".{args.out.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            config, weights_sha256 = write_weights(args.model, staging, model.dtype, args.variant, built_hash)
-            for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(args.original / name, staging / name)
-            write_json(staging / "preprocessor_config.json", preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
-            write_json(staging / "tokenizer_config.json", tokenizer_config())
-            write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS)
-            results = check_export(staging, args.reference, model.prompts, model.dtype, atol, verify_report, params.verify.threads)
-            card = model_card.render(model_card.CardInputs(
-                variant=args.variant,
-                dtype=model.dtype,
-                architecture=model.architecture,
-                image_size=proc.image_size,
-                image_mean=proc.image_mean,
-                image_std=proc.image_std,
-                prompts=model.prompts,
-                sources=model_card.source_rows(model.sources, download_report),
-                verify=verify_report,
-                export_atol=atol,
-                export_outputs=results,
-                transformers_version=config.get("transformers_version", "(unknown)"),
-                project_version=model_card.project_version(),
-            ))
-            with atomic_output(staging / CARD, "w") as handle:
-                handle.write(card)
-            manifest = write_manifest(staging, {WEIGHTS_FILE: weights_sha256})
-            shutil.rmtree(args.out, ignore_errors=True)
-            staging.rename(args.out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        config, weights_sha256 = write_weights(args.model, staging, model.dtype, args.variant, built_hash, background)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(args.original / name, staging / name)
+        write_json(staging / "preprocessor_config.json", preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
+        write_json(staging / "tokenizer_config.json", tokenizer_config())
+        write_json(staging / "special_tokens_map.json", SPECIAL_TOKENS)
+        results = check_export(staging, args.reference, model.prompts, model.dtype, atol, verify_report, params.verify.threads)
+        card = model_card.render(model_card.CardInputs(
+            variant=args.variant,
+            dtype=model.dtype,
+            architecture=model.architecture,
+            image_size=proc.image_size,
+            image_mean=proc.image_mean,
+            image_std=proc.image_std,
+            prompts=model.prompts,
+            sources=model_card.source_rows(model.sources, download_report),
+            verify=verify_report,
+            export_atol=atol,
+            export_outputs=results,
+            transformers_version=config.get("transformers_version", "(unknown)"),
+            project_version=model_card.project_version(),
+        ))
+        with atomic_output(staging / CARD, "w") as handle:
+            handle.write(card)
+        manifest = write_manifest(staging, {WEIGHTS_FILE: weights_sha256})
+        shutil.rmtree(args.out, ignore_errors=True)
+        staging.rename(args.out)
         write_json(args.report, {
             "stage": STAGE,
             "variant": args.variant,
@@ -313,7 +404,18 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
         })
 
-    return run_stage(STAGE, args.variant, body)
+    try:
+        # Imported with the rest of the start-up, not inside the work: every export loads its tokenizer with
+        # transformers, and a float16 or bfloat16 export runs the reference forward pass with torch (check_outputs).
+        from transformers import CLIPTokenizer  # noqa: F401
+
+        if dtype in LOW_PRECISION:
+            import torch  # noqa: F401
+        return run_stage(STAGE, args.variant, body)
+    finally:
+        if background is not None:
+            background.close()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

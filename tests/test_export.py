@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -238,11 +239,79 @@ def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, 
 
 
 def test_float16_overflow_is_refused_with_the_tensor_named():
-    cast = export.cast_tensors({"big": torch.tensor([1e6]), "small": torch.tensor([1.0])}, "float16")
-    assert cast["small"].dtype == torch.float16
+    # float16's largest value is 65504: a float32 below 65520 rounds to it, from 65520 up to inf.
+    cast = export.cast_tensors({"big": np.array([1.0, 65520.0], np.float32), "edge": np.array([-65519.0, 65504.0], np.float32)}, "float16")
+    assert cast["edge"].dtype == np.float16 and cast["edge"].tolist() == [-65504.0, 65504.0]
     with pytest.raises(export.ExportError, match=r"tensor 'big' does not fit float16.*bfloat16 or float32"):
         cast["big"]
-    assert export.cast_tensors({"big": torch.tensor([1e6])}, "bfloat16")["big"].dtype == torch.bfloat16
+    assert export.cast_tensors({"big": np.array([1e6], np.float32)}, "bfloat16")["big"].dtype == np.uint16
+
+
+def test_weights_other_than_float32_are_refused_by_the_cast():
+    with pytest.raises(export.ExportError, match=r"tensor 'w' is float64; export casts build-model's float32 weights"):
+        export.cast_array("w", np.zeros(3), "bfloat16")
+
+
+# Ties (1 + 2^-8 rounds to even, down; 1 + 3 * 2^-8 up), just past a tie, float16's largest and subnormal values and
+# underflow, bfloat16's subnormals, float32's smallest and largest (bfloat16 rounds the largest to inf).
+EDGE_VALUES = [0.0, -0.0, 1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 65504.0, 65519.0, -65519.0,
+               6e-8, 3e-8, 1e-8, 2**-133, 1.5 * 2**-126, 1e-45, 3.4028235e38, -3.4028235e38]
+# float32 bit patterns of infinities and NaNs, payloads and signs included.
+SPECIAL_BITS = [0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FBFFFFF]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_cast_rounds_every_value_as_torch_does(dtype):
+    rng = np.random.default_rng(0)
+    # Values across every exponent each dtype holds, each magnitude twice the cast's chunk over.
+    top = 4.8 if dtype == "float16" else 38.5
+    spread = rng.standard_normal(3 * export.CAST_CHUNK) * 10 ** rng.uniform(-46, top, 3 * export.CAST_CHUNK)
+    with np.errstate(over="ignore"):  # the largest magnitudes become float32's infinities, a case of their own
+        values = np.concatenate([np.array(EDGE_VALUES), spread]).astype(np.float32)
+    if dtype == "float16":
+        values = values[np.abs(values) < export.FLOAT16_OVERFLOW]  # the rest is refused (test above)
+    else:
+        values = np.concatenate([values, np.array(SPECIAL_BITS, np.uint32).view(np.float32)])
+    ours = export.cast_array("w", values, dtype).view(np.uint16)
+    theirs = torch.from_numpy(values).to(getattr(torch, dtype)).view(torch.uint16).numpy()
+    nan = np.isnan(values)
+    assert np.array_equal(ours[~nan], theirs[~nan])
+    # Every NaN becomes one quiet NaN, the one torch's scalar conversion makes (its vector code writes 0xFFFF); built
+    # weights hold none (download refuses them).
+    assert (ours[nan] == export.BFLOAT16_NAN).all() and ((theirs[nan] & 0x7FFF) > 0x7F80).all()
+
+
+def test_a_half_precision_export_is_written_by_a_forked_process_with_the_same_bytes(tiny_pipeline, tmp_path, monkeypatch):  # noqa: F811
+    started, taken = [], []
+    start, result = export.BackgroundCast.start, export.BackgroundCast.result
+    monkeypatch.setattr(export.BackgroundCast, "start", lambda *args: started.append(args[2]) or start(*args))
+    monkeypatch.setattr(export.BackgroundCast, "result", lambda self: taken.append(self.job[1]) or result(self))
+    code, out, _ = export_with_dtype(tiny_pipeline, tmp_path, "bfloat16")
+    assert code == 0 and started == ["bfloat16"] and len(taken) == 1  # the body took the forked process's file
+    # What the stage writes in its own process where it cannot fork: the same bytes.
+    monkeypatch.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
+    code, inline, _ = export_with_dtype(tiny_pipeline, tmp_path / "inline", "bfloat16")
+    assert code == 0 and started == ["bfloat16", "bfloat16"] and len(taken) == 1
+    assert (inline / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(out / "model.safetensors")
+
+
+def test_a_failure_in_the_forked_process_is_reported_and_leaves_nothing(tiny_pipeline, tmp_path, capsys):  # noqa: F811
+    # A built file with a weight float16 cannot hold: the forked process refuses it, the stage reports its message.
+    built = TensorFile(tiny_pipeline.model / "model.safetensors")
+    model = tmp_path / "model"
+    model.mkdir()
+    from stages.tensor_io import write_safetensors
+
+    big = {name: built[name] * (1e6 if name == "clip.logit_scale" else 1) for name in built}
+    write_safetensors(model / "model.safetensors", big, built.metadata)
+    (model / "config.json").write_bytes((tiny_pipeline.model / "config.json").read_bytes())
+    argv = tiny_pipeline.export_argv(tmp_path / "hf", tmp_path / "export.json", write_params(tmp_path / "params.yaml", dtype="float16"))
+    argv[argv.index("--model") + 1] = str(model)
+    assert export.main(argv) == 1
+    assert "tensor 'clip.logit_scale' does not fit float16 (values become inf)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "params.yaml"]
 
 
 def test_a_tokenizer_config_that_changes_the_ids_fails_the_check(tiny_pipeline, tmp_path):  # noqa: F811
