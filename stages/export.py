@@ -4,7 +4,7 @@ Writes model.safetensors (in the variant's export dtype), config.json, preproces
 processor: 352x352, bilinear, ImageNet mean/std), vocab.json, merges.txt, tokenizer_config.json,
 special_tokens_map.json, README.md (the model card: sources, settings, verification, usage) and manifest.json (every
 other file's size and sha256). The same inputs give the same bytes. A float16 or bfloat16 export's weights are cast
-(numpy, rounded as torch rounds) and written by a forked process while the stage imports its libraries.
+(numpy, rounded as torch rounds) and written by a forked process while the stage imports its libraries (stages.forked).
 
 What is checked before the folder is moved into place: its tokenizer, loaded by transformers' CLIPTokenizer, gives
 verify-outputs' token ids for its prompts; config.json describes exactly the tensors in model.safetensors. A float32
@@ -31,6 +31,7 @@ from . import model_card
 from . import params as params_mod
 from .build_model import weights_metadata
 from .errors import PipelineError, exit_now, run_stage
+from .forked import Forked
 from .hf_layout import WEIGHTS_FILE, architecture_of, check_shapes, state_dict_shapes
 from .inputs import CONTEXT_LENGTH, RESAMPLE_BILINEAR, token_ids
 from .original import clip_shapes, decoder_shapes
@@ -143,51 +144,6 @@ def write_cast_weights(source_path: Path, path: Path, dtype: str, metadata: Mapp
     return write_safetensors(path, cast_tensors(TensorFile(source_path, framework="np"), dtype), metadata, sha256=True)
 
 
-class BackgroundCast:
-    """write_cast_weights run by a forked process, started before the stage imports transformers and torch: the imports
-    are one core's interpreter work, the casting, writing and hashing (numpy and the kernel, 0.5-1 s at full size) the
-    other's, and the stage's work no longer waits for them. A thread would wait for the interpreter lock between its
-    steps, tensor after tensor, while the imports hold it (measured at full size: a numpy thread hid about half of the
-    writing, a torch one none). `start` gives None where no process can be forked; the stage then writes the weights
-    itself."""
-
-    def __init__(self, job: tuple[Path, Path, str, dict]):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.job = job
-        # Forked before torch exists in this process: the child is this small interpreter, numpy and the file.
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
-        self._future = self._pool.submit(write_cast_weights, *job)
-
-    @classmethod
-    def start(cls, model_dir: Path, out: Path, dtype: str, variant: str) -> BackgroundCast | None:
-        """The cast write_weights would make, started; None where processes cannot be forked or the built file cannot
-        be read (the stage's body then writes it, or says what is wrong with it)."""
-        import multiprocessing
-
-        if "fork" not in multiprocessing.get_all_start_methods():
-            return None
-        try:
-            return cls(weights_job(model_dir, out, dtype, variant))
-        except (PipelineError, OSError):  # an unreadable built file, or no process to be had
-            return None
-
-    def result(self) -> str:
-        """The written file's sha256; raises what the writing raised."""
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            return self._future.result()
-        except BrokenProcessPool as exc:
-            raise ExportError(f"the process writing {self.job[1]} ended without finishing it ({exc}); was it killed "
-                              "(out of memory)? Rerun export") from exc
-
-    def close(self) -> None:
-        """Wait for the process to end (its output folder may be removed after this)."""
-        self._pool.shutdown(wait=True)
-
-
 def export_config(config: Mapping, dtype: str) -> dict:
     return {**config, "architectures": ARCHITECTURES, "dtype": dtype}
 
@@ -200,20 +156,20 @@ def weights_job(model_dir: Path, out: Path, dtype: str, variant: str) -> tuple[P
 
 
 def write_weights(model_dir: Path, out: Path, dtype: str, variant: str, built_hash: FileHash | None = None,
-                  background: BackgroundCast | None = None) -> tuple[dict, str]:
+                  background: Forked | None = None) -> tuple[dict, str]:
     """model.safetensors and config.json in `dtype`; returns the config written and model.safetensors' sha256.
 
     When the built file already is what this export would write (float32, this variant's metadata), it is passed on
     as it is, hard-linked where the filesystem allows: the same bytes, without writing 600 MB again, and their sha256
     from `built_hash` (taken while the stage imported its libraries) when that is the same file. Other dtypes are
-    hashed as they are written: by `background` when it was started for this very file, else here.
+    hashed as they are written: by `background` when it is write_cast_weights of this very file, else here.
     """
     job = source_path, path, _, metadata = weights_job(model_dir, out, dtype, variant)
     source = TensorFile(source_path)
     if source.metadata == metadata and all(spec.dtype == dtype_name(dtype) for spec in source.specs.values()):
         link_or_copy(source_path, path)
         digest = (built_hash and built_hash.of(path)) or sha256_file(path)
-    elif background is not None and background.job == job:
+    elif background is not None and background.call == (write_cast_weights, job):
         digest = background.result()
     else:
         digest = write_cast_weights(*job)
@@ -345,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError:
         dtype = None
     built_hash = FileHash(args.model / WEIGHTS_FILE) if dtype == "float32" else None
-    background = BackgroundCast.start(args.model, staging, dtype, args.variant) if dtype in LOW_PRECISION else None
+    try:
+        job = weights_job(args.model, staging, dtype, args.variant) if dtype in LOW_PRECISION else None
+    except PipelineError:  # an unreadable built file: the body says what is wrong with it
+        job = None
+    background = Forked.start(write_cast_weights, *job) if job else None
 
     def body() -> None:
         params = params_mod.load(args.params)

@@ -22,22 +22,6 @@ class InputError(PipelineError):
     """An image or prompt that cannot be turned into model inputs."""
 
 
-def image_processor(size: int, mean: Sequence[float], std: Sequence[float]):
-    """The published CLIPSeg image processor: resize to size x size (bilinear, no crop), rescale 1/255, normalize."""
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    return ViTImageProcessorPil(
-        do_resize=True,
-        size={"height": size, "width": size},
-        resample=RESAMPLE_BILINEAR,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
-
-
 def tokenizer(directory: Path):
     from transformers import CLIPTokenizer
 
@@ -74,7 +58,18 @@ def load_image(path: Path):
 
 
 def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    return image_processor(size, mean, std)(images=image, return_tensors="pt")["pixel_values"]
+    """An RGB PIL image -> [1, 3, size, size] float32, as the published CLIPSeg image processor computes it
+    (transformers' ViTImageProcessorPil): resized to size x size by PIL (bilinear, no crop), rescaled by 1/255 in
+    float64 then rounded to float32, normalized in float32. The same operations on the same values, so the same bits
+    (tests/test_inputs.py holds it to the processor), without importing transformers: verify-outputs computes its
+    reference's input while the stage is still importing transformers."""
+    import numpy as np
+    import torch
+
+    resized = np.asarray(image.resize((size, size), resample=RESAMPLE_BILINEAR), dtype=np.uint8)
+    rescaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    normalized = (rescaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1))[None])
 
 
 def token_ids(tok, prompts: Sequence[str | bytes], padding: str = "longest", tensors: str = "pt") -> dict:

@@ -9,6 +9,10 @@ the original tensors they were made from, to look at. Where a variant has publis
 too, with the preprocessing they were computed with.
 Writes a metrics JSON, the reference outputs (for export's check) and one mask picture per prompt.
 
+The reference's image side (its vision tower: in float64, most of the reference's cost) needs neither the tokenizer nor
+transformers, so it runs in a forked process, on one thread, while this one imports transformers' modelling code
+(write_vision_reference, stages.forked); the converted model then gets the very pixel values it was given.
+
 Same bytes on every machine: the reference runs in float64 (params verify.reference_dtype), so the float32 outputs it
 stores and the mask pictures drawn from its logits do not depend on the CPU's instruction set or thread count (float64
 rounding is 500 million times finer than a float32 step); a float32 reference takes half the time, and its bytes are
@@ -20,8 +24,11 @@ significant digits.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +36,17 @@ from pathlib import Path
 import torch
 
 from . import params as params_mod
-from .errors import PipelineError, exit_now, run_stage
+from .errors import PipelineError, exit_now, keep_freed_memory, run_stage
+from .forked import Forked
 from .hf_layout import WEIGHTS_FILE
 from .inputs import load_image, pixel_values, token_ids, tokenizer
 from .pictures import write_mask_pictures
-from .reference import reference_forward
+from .reference import encode_image, forward_from_vision, reference_forward
 from .recording import FIGURE_DIGITS, OUTPUTS, print_figures, recorded
 from .tensor_io import TensorFile, write_json, write_safetensors
 
 STAGE = "verify-outputs"
+ENTRY_ORDER = "entries"  # write_vision_reference's metadata key: its entries' names, in the order computed
 
 
 class VerificationError(PipelineError):
@@ -193,13 +202,38 @@ def traced_forward(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, a
 
 
 def reference_outputs(original: Mapping[str, torch.Tensor], arch: Mapping, pixel_values, input_ids, attention_mask,
-                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The reference's entries in `dtype`, in the order it computes them; the one image's entries serve every prompt."""
+                      dtype: torch.dtype, vision: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The reference's entries in `dtype`, in the order it computes them; the one image's entries serve every prompt.
+    `vision`, when given, is encode_image's part already computed from `pixel_values` (see write_vision_reference)."""
     prompts = input_ids.shape[0]
     with torch.inference_mode():
-        out = reference_forward(original, arch, pixel_values, input_ids, dtype)
+        if vision is None:
+            out = reference_forward(original, arch, pixel_values, input_ids, dtype)
+        else:
+            out = forward_from_vision(original, arch, vision, input_ids, dtype)
     out = {name: t.expand(prompts, *t.shape[1:]) if t.shape[0] == 1 else t for name, t in out.items()}
     return mask_padding(out, attention_mask)
+
+
+def write_vision_reference(original: Path, arch: Mapping, image: Path, processor: params_mod.Processor,
+                           dtype: str, out: Path) -> None:
+    """The reference's image side, on one thread: the pixel values both models get, and encode_image's entries in
+    `dtype` (not rounded), written to `out`. It needs neither the tokenizer nor transformers, so the stage runs it in a
+    forked process while it imports transformers' modelling code (stages.forked): the vision tower in float64 is most
+    of the reference, and the other core is idle during the imports."""
+    keep_freed_memory()  # a forked process does not inherit what run_stage sets (it runs after the fork)
+    torch.set_num_threads(1)  # the other core imports; and see stages.forked on thread pools after a fork
+    pixels = pixel_values(load_image(image), processor.image_size, processor.image_mean, processor.image_std)
+    with torch.inference_mode():
+        vision = encode_image(TensorFile(original), arch, pixels, getattr(torch, dtype))
+    # A safetensors file keeps its tensors in its own order; the comparison needs the reference's (the order data flows).
+    write_safetensors(out, {"pixel_values": pixels, **vision}, {ENTRY_ORDER: json.dumps(list(vision))})
+
+
+def read_vision_reference(path: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What write_vision_reference wrote: the pixel values, and encode_image's entries in the order it computed them."""
+    written = TensorFile(path)
+    return written["pixel_values"], {name: written[name] for name in json.loads(written.metadata[ENTRY_ORDER])}
 
 
 def _one_row_if_shared(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,34 +408,56 @@ def load_model(directory: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # This stage loads the model: its modelling code is imported with the rest of the start-up, not inside the work.
-    from transformers import CLIPSegForImageSegmentation  # noqa: F401
-
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory")
     parser.add_argument("--original", type=Path, required=True, help="download's folder (original.safetensors, tokenizer, image)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the reference outputs and mask pictures")
     parser.add_argument("--metrics", type=Path, required=True, help="the metrics JSON to write")
     args = parser.parse_args(argv)
+    scratch = Path(tempfile.mkdtemp(prefix="clipseg-verify-"))
+
+    def vision_job(params: params_mod.Params) -> tuple:
+        return (args.original / "original.safetensors", params.model(args.variant).architecture, args.original / "image",
+                params.processor, params.verify.reference_dtype, scratch / "vision.safetensors")
+
+    # The reference's image side starts now, in a forked process, and runs while this one imports transformers' modelling
+    # code below (bad params are reported by the body, as always).
+    try:
+        background = Forked.start(write_vision_reference, *vision_job(params_mod.load(args.params)))
+    except PipelineError:
+        background = None
 
     def body() -> None:
         params = params_mod.load(args.params)
-        torch.set_num_threads(params.verify.threads)
         model_params = params.model(args.variant)
+        original = TensorFile(args.original / "original.safetensors")
+        reference_dtype = params.verify.reference_dtype
+        job = vision_job(params)
+        try:
+            # Taken before the model is loaded: the two processes' memory never adds up to the model's peak.
+            if background is not None and background.call == (write_vision_reference, job):
+                background.result()
+            else:
+                write_vision_reference(*job)
+            pixels, vision = read_vision_reference(job[-1])  # the pixels are the very values the vision tower got
+        except ValueError as exc:
+            raise VerificationError(
+                f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
+                "architecture does not describe these original files; fix it in params.yaml"
+            ) from exc
+        torch.set_num_threads(params.verify.threads)
         image = load_image(args.original / "image")
         tok = tokenizer(args.original)
         proc = params.processor
-        pixels = pixel_values(image, proc.image_size, proc.image_mean, proc.image_std)
         ids = token_ids(tok, model_params.prompts)
         model = load_model(args.model)
         converted = traced_forward(model, pixels, ids["input_ids"], ids["attention_mask"])
         published = check_published(model, model_params.expected, image, tok, proc.image_size) if model_params.expected else {}
         del model  # its 600 MB of weights are done with: the reference's entries (float64 by default) need the room
-        original = TensorFile(args.original / "original.safetensors")
-        reference_dtype = params.verify.reference_dtype
         try:
             reference = reference_outputs(original, model_params.architecture, pixels, ids["input_ids"], ids["attention_mask"],
-                                          getattr(torch, reference_dtype))
+                                          getattr(torch, reference_dtype),
+                                          vision=vision)
         except ValueError as exc:
             raise VerificationError(
                 f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
@@ -423,7 +479,15 @@ def main(argv: list[str] | None = None) -> int:
         if message:
             raise VerificationError(message)
 
-    return run_stage(STAGE, args.variant, body)
+    try:
+        # This stage loads the model: its modelling code is imported with the rest of the start-up, not inside the work.
+        from transformers import CLIPSegForImageSegmentation  # noqa: F401
+
+        return run_stage(STAGE, args.variant, body)
+    finally:
+        if background is not None:
+            background.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

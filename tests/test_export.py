@@ -17,6 +17,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from stages import export, model_card
+from stages.forked import Forked
 from stages.tensor_io import TensorFile, sha256_file
 from tests.pipeline_fixture import REPO, VARIANT, copy_export, edited_params, tiny_pipeline, write_params  # noqa: F401
 
@@ -283,9 +284,9 @@ def test_the_cast_rounds_every_value_as_torch_does(dtype):
 
 def test_a_half_precision_export_is_written_by_a_forked_process_with_the_same_bytes(tiny_pipeline, tmp_path, monkeypatch):  # noqa: F811
     started, taken = [], []
-    start, result = export.BackgroundCast.start, export.BackgroundCast.result
-    monkeypatch.setattr(export.BackgroundCast, "start", lambda *args: started.append(args[2]) or start(*args))
-    monkeypatch.setattr(export.BackgroundCast, "result", lambda self: taken.append(self.job[1]) or result(self))
+    start, result = Forked.start, Forked.result
+    monkeypatch.setattr(Forked, "start", lambda *args: started.append(args[3]) or start(*args))
+    monkeypatch.setattr(Forked, "result", lambda self: taken.append(self.call[1][1]) or result(self))
     code, out, _ = export_with_dtype(tiny_pipeline, tmp_path, "bfloat16")
     assert code == 0 and started == ["bfloat16"] and len(taken) == 1  # the body took the forked process's file
     # What the stage writes in its own process where it cannot fork: the same bytes.

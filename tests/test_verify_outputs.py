@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import yaml
 
 from stages import build_model, download, remap_weights, synthetic, verify_outputs
+from stages.forked import Forked
 from stages.tensor_io import TensorFile, write_safetensors
 from tests.pipeline_fixture import REPO, edited_params
 
@@ -259,6 +261,36 @@ def test_metrics_reference_and_pictures_are_byte_identical_across_runs(tiny, tin
     assert len(files) == 2 + len(PROMPTS)
     for name in files:
         assert (first.out / name).read_bytes() == (second.out / name).read_bytes(), name
+
+
+def test_the_vision_reference_runs_in_a_forked_process_and_gives_the_same_bytes_as_in_the_stage(tiny, tiny_verified, tmp_path, monkeypatch):
+    started, taken = [], []
+    start, result = Forked.start, Forked.result
+    monkeypatch.setattr(Forked, "start", lambda *args: started.append(args[0].__name__) or start(*args))
+    monkeypatch.setattr(Forked, "result", lambda self: taken.append(self.call[0].__name__) or result(self))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the stage keeps the forked work's file
+    forked = run_verify(tiny, tmp_path / "forked")
+    assert forked.code == 0 and started == taken == ["write_vision_reference"]
+    # Where no process can be forked, the stage computes it all itself.
+    with monkeypatch.context() as no_fork:
+        no_fork.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
+        inline = run_verify(tiny, tmp_path / "inline")
+    assert inline.code == 0 and started == ["write_vision_reference"] * 2 and taken == ["write_vision_reference"]
+    for run in (forked, inline):
+        for path in sorted(p for p in tiny_verified.out.rglob("*") if p.is_file()):
+            assert (run.out / path.relative_to(tiny_verified.out)).read_bytes() == path.read_bytes(), path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forked", "inline"]  # the forked work's file went with the stage
+
+
+def test_a_vision_tower_that_does_not_fit_the_original_is_named_by_the_forked_reference(tiny, tmp_path):
+    params = edited_params(tiny.params, lambda p: p["models"][VARIANT]["architecture"]["vision"].update(
+        intermediate_size=2 * p["models"][VARIANT]["architecture"]["vision"]["intermediate_size"]), tmp_path / "params.yaml")
+    run = run_verify(tiny, tmp_path, params=params)
+    assert run.code == 1
+    message = error_line(run.stderr)
+    assert f"the reference cannot run {tiny.original / 'original.safetensors'} with models.{VARIANT}.architecture" in message
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in message and "fix it in params.yaml" in message
+    assert not (tmp_path / "verify.json").exists() and not (tmp_path / "verify").exists()
 
 
 def test_a_float32_reference_is_used_and_recorded_when_params_ask_for_it(tiny, tiny_verified, tmp_path):
