@@ -41,7 +41,8 @@ class Forked:
             return None
 
     def result(self) -> Any:
-        """What the function returned; raises what it raised."""
+        """What the function returned; raises what it raised. The process has ended when this returns: an idle one
+        would keep its memory (the allocator keeps what it freed) while the stage goes on."""
         from concurrent.futures.process import BrokenProcessPool
 
         try:
@@ -49,6 +50,8 @@ class Forked:
         except BrokenProcessPool as exc:
             raise PipelineError(f"the process running {self.call[0].__name__} ended without finishing ({exc}); was it "
                                 "killed (out of memory)? Rerun the stage") from exc
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Wait for the process to end (what it writes may be removed after this)."""
