@@ -407,6 +407,11 @@ def load_model(directory: Path):
     return model.eval()
 
 
+def cannot_run(original: Path, variant: str, exc: ValueError) -> VerificationError:
+    return VerificationError(f"the reference cannot run {original} with models.{variant}.architecture ({exc}): that "
+                             "architecture does not describe these original files; fix it in params.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = params_mod.stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory")
@@ -441,10 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_vision_reference(*job)
             pixels, vision = read_vision_reference(job[-1])  # the pixels are the very values the vision tower got
         except ValueError as exc:
-            raise VerificationError(
-                f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
-                "architecture does not describe these original files; fix it in params.yaml"
-            ) from exc
+            raise cannot_run(original.path, args.variant, exc) from exc
         torch.set_num_threads(params.verify.threads)
         image = load_image(args.original / "image")
         tok = tokenizer(args.original)
@@ -459,10 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                                           getattr(torch, reference_dtype),
                                           vision=vision)
         except ValueError as exc:
-            raise VerificationError(
-                f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
-                "architecture does not describe these original files; fix it in params.yaml"
-            ) from exc
+            raise cannot_run(original.path, args.variant, exc) from exc
         atol, rtol = params.verify.atol, params.verify.rtol
         comparisons = compare(converted, reference, atol, rtol)
         print_figures(STAGE, {c.name: (c.max_abs_diff, c.tolerance) for c in comparisons if c.name in OUTPUTS})
