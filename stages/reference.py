@@ -306,18 +306,10 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     return out
 
 
-def _check_extract_layers(arch: Mapping) -> None:
-    layers = arch["vision"]["num_hidden_layers"]
-    if any(not 0 <= k < layers for k in arch["extract_layers"]):
-        raise ValueError(f"reference: extract_layers {list(arch['extract_layers'])} "
-                         f"must be block indices in [0, {layers})")
-
-
 def reference_forward(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor,
                       input_ids: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """One image [1, 3, H, W] + P prompts [P, L] -> the union of encode_image, encode_text and decode, computed in
     `dtype` (float64 makes the reference's last float32 bits the same on every CPU, see verify-outputs)."""
-    _check_extract_layers(arch)
     return forward_from_vision(tensors, arch, encode_image(tensors, arch, pixel_values, dtype), input_ids, dtype)
 
 
@@ -325,7 +317,10 @@ def forward_from_vision(tensors: Mapping[str, Tensor], arch: Mapping, vision: Ma
                         input_ids: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """reference_forward's rest, from encode_image's entries `vision` (computed elsewhere, in `dtype`): the union of
     those, encode_text and decode."""
-    _check_extract_layers(arch)
+    layers = arch["vision"]["num_hidden_layers"]
+    if any(not 0 <= k < layers for k in arch["extract_layers"]):
+        raise ValueError(f"reference: extract_layers {list(arch['extract_layers'])} "
+                         f"must be block indices in [0, {layers})")
     text = encode_text(tensors, arch, input_ids, dtype)
     activations = [vision[f"vision.block{k}"] for k in arch["extract_layers"]]
     return {**vision, **text, **decode(tensors, arch, activations, text["conditional_embeddings"], dtype)}
