@@ -5,7 +5,7 @@
 
 The stage runs with dvc.yaml's cmd's arguments, in a fresh process, its main() under cProfile; the profile is written
 to DIR/project/profiles/<stage>.prof (it can be opened later with pstats or snakeviz). Not `python -m cProfile`: a
-stage ends its process with os._exit (stages.errors.exit_now), before cProfile could write anything. It overwrites
+stage ends its process with os._exit (clipseg_pipeline.runner.exit_now), before cProfile could write anything. It overwrites
 that stage's outputs in the copy with the same content. Prints the top functions by cumulative and by own time.
 """
 
@@ -27,7 +27,7 @@ from run import VARIANT, VENV_BIN, stage_commands  # noqa: E402
 # its main() under cProfile, write the profile, then end the process as the stage itself would.
 PROFILED_RUN = """
 import cProfile, importlib, sys
-from stages.errors import exit_now
+from clipseg_pipeline.runner import exit_now
 out, module, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 main = importlib.import_module(module).main
 profile = cProfile.Profile()

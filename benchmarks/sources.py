@@ -1,8 +1,8 @@
-"""Full-size synthetic sources for the benchmark, in the published formats, from stages.synthetic.
+"""Full-size synthetic sources for the benchmark, in the published formats, from tools.synthetic.
 
     python benchmarks/sources.py --project DIR --out DIR [--seed 0]
 
-Writes into --out (the project whose `stages` package is used is --project, default: this repository):
+Writes into --out (the project whose `tools` package is used is --project, default: this repository):
 
 - `clip.pt`: OpenAI's CLIP ViT-B/16 TorchScript archive (mixed fp16/fp32), shared by the three variants;
 - `weights.zip`: the authors' zip layout, `clipseg_weights/{rd64-uni,rd16-uni,rd64-uni-refined}.pth`;
@@ -81,14 +81,15 @@ def sha256_file(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project", type=Path, default=HERE.parent, help="the project whose stages package to use")
+    parser.add_argument("--project", type=Path, default=HERE.parent, help="the project whose tools package to use")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.project.resolve()))
     import torch
 
-    from stages import synthetic, tokenizer
+    from clipseg_pipeline import tokenizer
+    from tools import synthetic
 
     started = time.perf_counter()
     out = args.out

@@ -1,112 +1,24 @@
 """download: a variant's sources (URLs, mirrors or local copies) -> verified original tensors and side files.
 
-Every file is fetched (or read in place when local), its sha256 checked against the pin before anything parses it,
-the decoder .pth extracted from its zip, and both checkpoints read without running pickled code. Every source is
-checked before the first output is written, and each output is written atomically. Output, in the folder given by
---out: `original.safetensors` (every original tensor under its original name, original dtypes), `vocab.json` +
-`merges.txt`, and `image` (the reference image's bytes, unchanged).
+Every source is fetched and checked (clipseg_pipeline.sources) before the first output is written, and each output is
+written atomically. Output, in the folder given by --out: `original.safetensors` (every original tensor under its
+original name, original dtypes), `vocab.json` + `merges.txt`, and `image` (the reference image's bytes, unchanged).
+The only stage that touches the network.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
-import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
-import torch
-
-from . import params as params_mod
-from .errors import PipelineError, exit_now, run_stage
-from .fetch import FetchPolicy, Fetched, fetch
-from .inputs import load_image
-from .original import extract_member, load_clip, load_decoder
-from .tensor_io import atomic_output, write_json, write_safetensors
-from .tokenizer import check_hf_files, hf_files, read_bpe_gz, vocab_from_merges
+from clipseg_pipeline import params as params_mod
+from clipseg_pipeline.fetch import FetchPolicy
+from clipseg_pipeline.runner import exit_now, run_stage, stage_parser
+from clipseg_pipeline.sources import count_dtypes, fetch_all, original_tensors, side_files
+from clipseg_pipeline.tensor_io import atomic_output, write_json, write_safetensors
 
 STAGE = "download"
-
-
-class DownloadError(PipelineError):
-    """The sources do not make a usable set of original files."""
-
-
-def cache_path(cache: Path, url: str) -> Path:
-    """Where a URL's bytes are kept between runs: keyed by the URL, so variants sharing a file fetch it once."""
-    name = Path(urlparse(url).path).name or "download"
-    return cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
-
-
-def fetch_all(model: params_mod.Model, policy: FetchPolicy, cache: Path, root: Path) -> dict[str, Fetched]:
-    fetched = {}
-    for name, source in sorted(model.sources.items()):
-        fetched[name] = fetch(name, source.url, source.sha256, cache_path(cache, source.url), policy, root=root)
-        if not fetched[name].pinned:
-            warnings.warn(
-                f"source {name!r} of {model.variant} is not pinned: its sha256 is {fetched[name].sha256}; "
-                f"set models.{model.variant}.sources.{name}.sha256 to it once you trust the file",
-                stacklevel=1,
-            )
-    return fetched
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    # NaN and inf propagate into the min or max; aminmax reads the tensor once, far faster than isfinite().all().
-    if not tensor.numel():
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
-
-
-def check_finite(tensors: dict[str, torch.Tensor], origin: str) -> None:
-    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not _finite(t))
-    if bad:
-        raise DownloadError(f"{origin}: tensor(s) with NaN or Inf values: {bad}. The checkpoint is damaged; fetch it again")
-
-
-def _origin(model: params_mod.Model, name: str) -> str:
-    source = model.sources[name]
-    member = f", member {source.member!r}" if source.member else ""
-    return f"source {name!r} ({source.url}{member})"
-
-
-def original_tensors(
-    model: params_mod.Model, fetched: dict[str, Fetched], workdir: Path, bounds: params_mod.Download
-) -> dict[str, torch.Tensor]:
-    """The CLIP and decoder tensors under their original names, in their original dtypes."""
-    clip = load_clip(fetched["clip"].path, pinned=fetched["clip"].pinned, max_bytes=bounds.max_bytes)
-    check_finite(clip, _origin(model, "clip"))
-    decoder_file = fetched["decoder"].path
-    member = model.sources["decoder"].member
-    if member:
-        decoder_file = extract_member(decoder_file, member, workdir / member, bounds.max_member_bytes)
-    decoder = load_decoder(decoder_file, max_bytes=bounds.max_bytes)
-    check_finite(decoder, _origin(model, "decoder"))
-    clash = sorted(clip.keys() & decoder.keys())
-    if clash:
-        raise DownloadError(f"the CLIP and decoder files share key(s) {clash}; is the same file configured twice?")
-    return {name: t.contiguous() for name, t in (clip | decoder).items()}
-
-
-def side_files(model: params_mod.Model, fetched: dict[str, Fetched], max_member_bytes: int) -> dict[str, Path | bytes]:
-    """The checked tokenizer files and image, by output file name: a source to copy, or bytes to write."""
-    if "bpe" in fetched and not ("vocab" in fetched and "merges" in fetched):
-        merges = read_bpe_gz(fetched["bpe"].path, max_member_bytes)
-        files: dict[str, Path | bytes] = hf_files(merges)
-        vocab_size = len(vocab_from_merges(merges))
-    else:
-        files = {"vocab.json": fetched["vocab"].path, "merges.txt": fetched["merges"].path}
-        vocab_size = check_hf_files(files["vocab.json"], files["merges.txt"])
-    expected = model.architecture["text"]["vocab_size"]
-    if vocab_size != expected:
-        raise DownloadError(
-            f"the tokenizer has {vocab_size} tokens but models.{model.variant}.architecture.text.vocab_size is {expected}; "
-            "the tokenizer files do not belong to this model"
-        )
-    load_image(fetched["image"].path)  # refuses what is not a whole, reasonably sized image
-    return files | {"image": fetched["image"].path}
 
 
 def _write(content: Path | bytes, dest: Path) -> None:
@@ -119,9 +31,10 @@ def _write(content: Path | bytes, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = params_mod.stage_parser(__doc__.splitlines()[0])
+    parser = stage_parser("python -m stages.download", __doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the folder to write the variant's original files to")
     parser.add_argument("--cache", type=Path, required=True, help="where fetched files are kept between runs")
+    parser.add_argument("--metrics", type=Path, required=True, help="the metrics JSON to write")
     parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -144,22 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         hashes = {name: f.sha256 for name, f in fetched.items()}
         metadata = {"stage": STAGE, "variant": args.variant, "source_sha256": " ".join(f"{k}={v}" for k, v in sorted(hashes.items()))}
         write_safetensors(args.out / "original.safetensors", tensors, metadata)
+        write_json(args.metrics, {
+            "tensors": len(tensors),
+            "bytes": sum(f.size for f in fetched.values()),
+            "unpinned": sum(not f.pinned for f in fetched.values()),
+        })
         write_json(args.report, {
             "stage": STAGE,
             "variant": args.variant,
             "sources": {name: {"sha256": f.sha256, "bytes": f.size, "pinned": f.pinned} for name, f in fetched.items()},
             "tensors": len(tensors),
-            "dtypes": {str(d).removeprefix("torch."): n for d, n in sorted(_count_dtypes(tensors).items(), key=str)},
+            "dtypes": {str(d).removeprefix("torch."): n for d, n in sorted(count_dtypes(tensors).items(), key=str)},
         })
 
     return run_stage(STAGE, args.variant, body)
-
-
-def _count_dtypes(tensors: dict[str, torch.Tensor]) -> dict[torch.dtype, int]:
-    counts: dict[torch.dtype, int] = {}
-    for tensor in tensors.values():
-        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
-    return counts
 
 
 if __name__ == "__main__":

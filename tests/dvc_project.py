@@ -6,7 +6,7 @@
     assert result.ran == [] and "download@clipseg-tiny" in result.skipped
 
 Every command runs with a timeout, in its own process group (killed whole on timeout), with the interpreter running
-the tests first on PATH (the stages' `python -m stages.<name>` then resolves to it and finds the copy's ./stages), and
+the tests first on PATH (the stages' `python -m stages.<name>` then resolves to it and finds the copy's ./stages and ./clipseg_pipeline), and
 with an environment that keeps all traffic on 127.0.0.1: no proxies, no AWS metadata or profile lookups, Hugging Face
 offline, and no user or system git/DVC configuration.
 """
@@ -33,6 +33,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a clone of the project needs to run the pipeline: code, pipeline, settings, the DVC config (not its cache) and
 # the committed synthetic sources.
 PROJECT_FILES = (
+    "clipseg_pipeline",
     "stages",
     "dvc.yaml",
     "params.yaml",
@@ -46,7 +47,7 @@ PROJECT_FILES = (
 VARIANT = "clipseg-tiny"
 STAGES = ("download", "remap-weights", "build-model", "verify-outputs", "export")
 # Where the pipeline writes, per variant (plus dvc.lock): what "the same bytes" is about.
-OUTPUT_DIRS = ("data/{v}", "outputs/{v}", "reports/{v}")
+OUTPUT_DIRS = ("data/{v}", "outputs/{v}", "metrics/{v}", "reports/{v}")
 # A cold `dvc repro` of one tiny variant takes about a minute on 2 cores, nearly all of it importing torch and
 # transformers in each stage; these bounds only stop a hung run.
 REPRO_TIMEOUT_S = 900

@@ -55,13 +55,16 @@ class TinyPipeline:
     def report(self, stage: str) -> Path:
         return self.root / "reports" / VARIANT / f"{stage}.json"
 
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / VARIANT / f"{stage}.json"
+
     def export_argv(self, out: Path, report: Path, params: Path | None = None) -> list[str]:
         """stages.export's command line, as dvc.yaml writes it, to export this run's model again elsewhere."""
         return [
             "--variant", VARIANT, "--params", str(params or self.params),
             "--model", str(self.model), "--original", str(self.original), "--reference", str(self.reference),
             "--download-report", str(self.report("download")), "--verify-report", str(self.report("verify")),
-            "--out", str(out), "--report", str(report),
+            "--out", str(out), "--metrics", str(report.with_name(f"{report.stem}.metrics.json")), "--report", str(report),
         ]
 
 
@@ -87,7 +90,7 @@ def write_params(path: Path, *, dtype: str = "float32", sources: dict | None = N
         model = data["models"][VARIANT]
         in_place = {name: {**source, "url": str(REPO / source["url"])} for name, source in model["sources"].items()}
         model["sources"] = in_place if sources is None else sources
-        model["export"] = {"dtype": dtype}
+        model["export"]["dtype"] = dtype
 
     return edited_params(REPO / "params.yaml", tiny_only, path)
 
@@ -101,12 +104,13 @@ def run_pipeline(root: Path) -> TinyPipeline:
     remapped = root / "outputs" / VARIANT / "remapped.safetensors"
     steps = [
         (download, ["--out", str(run.original), "--cache", str(root / "data" / "downloads"),
-                    "--report", str(run.report("download")), "--no-progress"]),
+                    "--metrics", str(run.metrics("download")), "--report", str(run.report("download")), "--no-progress"]),
         (remap_weights, ["--original", str(run.original / "original.safetensors"), "--out", str(remapped),
-                         "--report", str(run.report("remap"))]),
-        (build_model, ["--remapped", str(remapped), "--out", str(run.model), "--report", str(run.report("build"))]),
+                         "--metrics", str(run.metrics("remap")), "--report", str(run.report("remap"))]),
+        (build_model, ["--remapped", str(remapped), "--out", str(run.model), "--metrics", str(run.metrics("build"))]),
         (verify_outputs, ["--model", str(run.model), "--original", str(run.original),
-                          "--out", str(run.reference.parent), "--metrics", str(run.report("verify"))]),
+                          "--out", str(run.reference.parent), "--metrics", str(run.metrics("verify")),
+                          "--report", str(run.report("verify"))]),
     ]
     for stage, argv in steps:
         if stage.main(common + argv) != 0:

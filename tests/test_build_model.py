@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import CLIPSegForImageSegmentation
 
-from stages import build_model, remap_weights, synthetic
-from stages.tensor_io import TensorFile, write_safetensors
+from clipseg_pipeline import name_map
+from stages import build_model
+from tools import synthetic
+from clipseg_pipeline.tensor_io import TensorFile, write_safetensors
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 VARIANT = "clipseg-tiny"
@@ -20,7 +22,7 @@ VARIANT = "clipseg-tiny"
 def remapped() -> dict[str, torch.Tensor]:
     arch = synthetic.preset_arch("tiny")
     original = synthetic.clip_state_dict(arch, seed=0) | synthetic.decoder_state_dict(arch, seed=0)
-    target, _ = remap_weights.remap(original)
+    target, _ = name_map.remap(original)
     return target
 
 
@@ -29,7 +31,7 @@ def run(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, Path]:
     out = tmp_path / "model"
     code = build_model.main([
         "--params", str(PARAMS), "--variant", VARIANT, "--remapped", str(tmp_path / "remapped.safetensors"),
-        "--out", str(out), "--report", str(tmp_path / "build.json"),
+        "--out", str(out), "--metrics", str(tmp_path / "build.json"),
     ])
     return code, out
 

@@ -1,4 +1,4 @@
-"""Reproducible runs and shared artifacts (issue 7): the same bytes from every cold run, and every output shared
+"""Reproducible runs and shared artifacts: the same bytes from every cold run, and every output shared
 through a DVC remote, a local folder or an S3 API server on 127.0.0.1, so that a fresh clone pulls instead of rebuilding.
 
 The first cold run is the session's reproduced template (see tests/dvc_project.py); this module adds one more cold
@@ -76,7 +76,7 @@ def assert_same_bytes(template: Project, second: Project) -> None:
     differing = sorted(p for p in first_files.keys() | second_files.keys() if first_files.get(p) != second_files.get(p))
     assert not differing, f"two cold runs wrote different bytes to {differing}, written by {writers(template, differing)}"
     # What CI checks: the committed lock file and reports are reproduced exactly.
-    second.git("diff", "--exit-code", "HEAD", "--", "dvc.lock", "reports/")  # HEAD: autostage stages dvc.lock
+    second.git("diff", "--exit-code", "HEAD", "--", "dvc.lock", "metrics/", "reports/")  # HEAD: autostage stages dvc.lock
 
 
 def test_two_cold_runs_in_two_clones_write_the_same_bytes(template, tmp_path):

@@ -1,6 +1,6 @@
-"""dvc.yaml lists, as each stage's dependencies, exactly the stages/ modules its command imports, directly or not, at
-the top of a module or inside a function: a module missing from the list would let a stage's code change without DVC
-rerunning it, and a module listed but never imported reruns it for nothing."""
+"""dvc.yaml lists, as each stage's dependencies, exactly this project's modules its command imports, directly or not,
+at the top of a module or inside a function: a module missing from the list would let a stage's code change without
+DVC rerunning it, and a module listed but never imported reruns it for nothing. And no stage imports another stage."""
 
 from __future__ import annotations
 
@@ -13,22 +13,25 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+PACKAGES = ("clipseg_pipeline", "stages", "tools")
 
 
 def imported_modules(path: Path) -> set[str]:
-    """The stages/ modules a module's source imports anywhere in it (relative or as `stages.x`)."""
+    """This project's modules (as paths like clipseg_pipeline/params.py) a module imports anywhere in it."""
+    package = path.parent.name
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("stages."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            found.update(f"{package}/{name.split('.')[0]}.py" for name in names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            top, *rest = node.module.split(".")
+            names = rest[:1] or [alias.name for alias in node.names]
+            found.update(f"{top}/{name}.py" for name in names)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("stages."))
-    return found
+            found.update("/".join(alias.name.split(".")[:2]) + ".py" for alias in node.names
+                         if alias.name.split(".")[0] in PACKAGES and "." in alias.name)
+    return {name for name in found if (REPO / name).is_file()}
 
 
 def closure(module: str) -> set[str]:
@@ -37,17 +40,25 @@ def closure(module: str) -> set[str]:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(imported_modules(REPO / "stages" / f"{name}.py"))
+            todo.extend(imported_modules(REPO / name))
     return seen
+
+
+def command_module(stage: str) -> str:
+    return "stages/{}.py".format(re.match(r"python -m stages\.(\w+) ", STAGES[stage]["cmd"]).group(1))
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_stage_depends_on_exactly_the_modules_it_imports(stage):
-    command = STAGES[stage]["cmd"]
-    module = re.match(r"python -m stages\.(\w+) ", command).group(1)
-    listed = {dep for dep in STAGES[stage]["deps"] if dep.startswith("stages/") and dep.endswith(".py")}
-    assert listed == {f"stages/{name}.py" for name in closure(module)}
+    listed = {dep for dep in STAGES[stage]["deps"] if dep.endswith(".py")}
+    assert listed == closure(command_module(stage))
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_imports_another_stage_or_a_tool(stage):
+    others = {name for name in closure(command_module(stage)) if not name.startswith("clipseg_pipeline/")}
+    assert others == {command_module(stage)}
 
 
 def test_the_import_scan_sees_imports_inside_functions():
-    assert {"reference", "remap_weights", "original"} <= closure("export")
+    assert {"clipseg_pipeline/reference.py", "clipseg_pipeline/name_map.py"} <= closure("stages/export.py")

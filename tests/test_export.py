@@ -3,7 +3,9 @@ every dtype, carries a model card whose usage snippet runs, and comes out byte-i
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 import os
 import re
 import subprocess
@@ -16,9 +18,12 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 
-from stages import export, model_card
-from stages.forked import Forked
-from stages.tensor_io import TensorFile, sha256_file
+from clipseg_pipeline import model_card
+from clipseg_pipeline import hf_export, precision
+from stages import export
+from clipseg_pipeline.architecture import Architecture
+from clipseg_pipeline.background import Background
+from clipseg_pipeline.tensor_io import TensorFile, sha256_file
 from tests.pipeline_fixture import REPO, VARIANT, copy_export, edited_params, tiny_pipeline, write_params  # noqa: F401
 
 EXPORT_FILES = {
@@ -76,7 +81,7 @@ def test_export_holds_exactly_the_promised_files_and_its_manifest_matches(tiny_p
 def test_export_loads_offline_and_its_processor_gives_verifications_inputs(tiny_pipeline):  # noqa: F811
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-    from stages.inputs import load_image
+    from clipseg_pipeline.inputs import load_image
 
     folder = tiny_pipeline.export
     processor = CLIPSegProcessor.from_pretrained(folder, local_files_only=True)
@@ -128,11 +133,11 @@ def test_without_hard_links_the_built_file_is_copied(tiny_pipeline, tmp_path, mo
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_weights_are_not_read_again_to_be_hashed(tiny_pipeline, tmp_path, monkeypatch, dtype):  # noqa: F811
-    # At full size that is 600 MB read and hashed after the rest of the work: float32 takes the hash of the built file
-    # taken while the stage imported transformers, other dtypes the one taken as export writes the file. The manifest
-    # must hold the file's true sha256 all the same.
+    # At full size that is 600 MB read and hashed after the rest of the work: the weights are hashed by the process that
+    # writes (float32: links) them while the stage imports transformers. The manifest must hold the file's true sha256
+    # all the same.
     hashed = []
-    monkeypatch.setattr(export, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256_file(path))
+    monkeypatch.setattr(hf_export, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256_file(path))
     code, out, _ = export_with_dtype(tiny_pipeline, tmp_path, dtype)
     assert code == 0
     assert "model.safetensors" not in hashed and "config.json" in hashed
@@ -147,7 +152,7 @@ def test_a_built_file_with_other_metadata_is_written_anew(tiny_pipeline, tmp_pat
     other = TensorFile(tiny_pipeline.model / "model.safetensors")
     model = tmp_path / "model"
     model.mkdir()
-    from stages.tensor_io import write_safetensors
+    from clipseg_pipeline.tensor_io import write_safetensors
 
     write_safetensors(model / "model.safetensors", {name: other[name] for name in other}, {"format": "pt", "variant": "elsewhere"})
     (model / "config.json").write_bytes((tiny_pipeline.model / "config.json").read_bytes())
@@ -186,7 +191,7 @@ def test_two_exports_of_the_same_inputs_are_byte_identical(tiny_pipeline, tmp_pa
 def test_half_precision_exports_load_and_pass_their_tolerance(tiny_pipeline, dtype_exports, dtype):  # noqa: F811
     from transformers import CLIPSegForImageSegmentation
 
-    from stages.verify_outputs import hf_outputs
+    from clipseg_pipeline.converted_model import hf_outputs
 
     out, report_path = dtype_exports[dtype]
     weights = TensorFile(out / "model.safetensors")
@@ -205,7 +210,7 @@ def test_half_precision_exports_load_and_pass_their_tolerance(tiny_pipeline, dty
     for name in ("logits", "conditional_embeddings", "pooled_output"):
         assert (got[name] - reference[name]).abs().max().item() <= atol, name
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert f"stored in\n**{dtype}**" in card and f"this export ({dtype}) vs original |" in card
+    assert f"stored in **{dtype}**" in card and f"this export ({dtype}) vs original |" in card
     assert f"| logits | within 0.0001 | within {atol:g} |" in card
 
 
@@ -225,10 +230,10 @@ def test_a_half_precision_export_imports_torch_but_not_transformers_modelling_co
 
 def test_weights_that_do_not_fit_the_architecture_are_named_not_run(tiny_pipeline, dtype_exports):  # noqa: F811
     out, _ = dtype_exports["bfloat16"]
-    arch = export.check_loadable(out)
-    wrong = {**arch, "projection_dim": arch["projection_dim"] * 2}
-    with pytest.raises(export.ExportError, match=r"cannot run as the model its config.json describes .*'visual.proj' has shape"):
-        export.check_outputs(out, wrong, TensorFile(tiny_pipeline.reference), "bfloat16", 0.25, 2)
+    arch = hf_export.check_loadable(out)
+    wrong = replace(arch, projection_dim=arch.projection_dim * 2)
+    with pytest.raises(hf_export.ExportError, match=r"cannot run as the model its config.json describes .*'visual.proj' has shape"):
+        hf_export.check_outputs(out, wrong, TensorFile(tiny_pipeline.reference), "bfloat16", 0.25, 2)
 
 
 def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, tmp_path, capsys):  # noqa: F811
@@ -241,16 +246,16 @@ def test_a_dtype_beyond_its_tolerance_fails_and_leaves_no_folder(tiny_pipeline, 
 
 def test_float16_overflow_is_refused_with_the_tensor_named():
     # float16's largest value is 65504: a float32 below 65520 rounds to it, from 65520 up to inf.
-    cast = export.cast_tensors({"big": np.array([1.0, 65520.0], np.float32), "edge": np.array([-65519.0, 65504.0], np.float32)}, "float16")
+    cast = precision.cast_tensors({"big": np.array([1.0, 65520.0], np.float32), "edge": np.array([-65519.0, 65504.0], np.float32)}, "float16")
     assert cast["edge"].dtype == np.float16 and cast["edge"].tolist() == [-65504.0, 65504.0]
-    with pytest.raises(export.ExportError, match=r"tensor 'big' does not fit float16.*bfloat16 or float32"):
+    with pytest.raises(precision.PrecisionError, match=r"tensor 'big' does not fit float16.*bfloat16 or float32"):
         cast["big"]
-    assert export.cast_tensors({"big": np.array([1e6], np.float32)}, "bfloat16")["big"].dtype == np.uint16
+    assert precision.cast_tensors({"big": np.array([1e6], np.float32)}, "bfloat16")["big"].dtype == np.uint16
 
 
 def test_weights_other_than_float32_are_refused_by_the_cast():
-    with pytest.raises(export.ExportError, match=r"tensor 'w' is float64; export casts build-model's float32 weights"):
-        export.cast_array("w", np.zeros(3), "bfloat16")
+    with pytest.raises(precision.PrecisionError, match=r"tensor 'w' is float64; export casts build-model's float32 weights"):
+        precision.cast_array("w", np.zeros(3), "bfloat16")
 
 
 # Ties (1 + 2^-8 rounds to even, down; 1 + 3 * 2^-8 up), just past a tie, float16's largest and subnormal values and
@@ -266,36 +271,36 @@ def test_the_cast_rounds_every_value_as_torch_does(dtype):
     rng = np.random.default_rng(0)
     # Values across every exponent each dtype holds, each magnitude twice the cast's chunk over.
     top = 4.8 if dtype == "float16" else 38.5
-    spread = rng.standard_normal(3 * export.CAST_CHUNK) * 10 ** rng.uniform(-46, top, 3 * export.CAST_CHUNK)
+    spread = rng.standard_normal(3 * precision.CAST_CHUNK) * 10 ** rng.uniform(-46, top, 3 * precision.CAST_CHUNK)
     with np.errstate(over="ignore"):  # the largest magnitudes become float32's infinities, a case of their own
         values = np.concatenate([np.array(EDGE_VALUES), spread]).astype(np.float32)
     if dtype == "float16":
-        values = values[np.abs(values) < export.FLOAT16_OVERFLOW]  # the rest is refused (test above)
+        values = values[np.abs(values) < precision.FLOAT16_OVERFLOW]  # the rest is refused (test above)
     else:
         values = np.concatenate([values, np.array(SPECIAL_BITS, np.uint32).view(np.float32)])
-    ours = export.cast_array("w", values, dtype).view(np.uint16)
+    ours = precision.cast_array("w", values, dtype).view(np.uint16)
     theirs = torch.from_numpy(values).to(getattr(torch, dtype)).view(torch.uint16).numpy()
     nan = np.isnan(values)
     assert np.array_equal(ours[~nan], theirs[~nan])
     # Every NaN becomes one quiet NaN, the one torch's scalar conversion makes (its vector code writes 0xFFFF); built
     # weights hold none (download refuses them).
-    assert (ours[nan] == export.BFLOAT16_NAN).all() and ((theirs[nan] & 0x7FFF) > 0x7F80).all()
+    assert (ours[nan] == precision.BFLOAT16_NAN).all() and ((theirs[nan] & 0x7FFF) > 0x7F80).all()
 
 
-def test_a_half_precision_export_is_written_by_a_forked_process_with_the_same_bytes(tiny_pipeline, tmp_path, monkeypatch):  # noqa: F811
-    started, taken = [], []
-    start, result = Forked.start, Forked.result
-    monkeypatch.setattr(Forked, "start", lambda *args: started.append(args[3]) or start(*args))
-    monkeypatch.setattr(Forked, "result", lambda self: taken.append(self.call[1][1]) or result(self))
-    code, out, _ = export_with_dtype(tiny_pipeline, tmp_path, "bfloat16")
-    assert code == 0 and started == ["bfloat16"] and len(taken) == 1  # the body took the forked process's file
-    # What the stage writes in its own process where it cannot fork: the same bytes.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_weights_are_written_by_a_forked_process_with_the_bytes_the_stage_would_write(tiny_pipeline, tmp_path, monkeypatch, dtype):  # noqa: F811
+    forked = []
+    result = Background.result
+    monkeypatch.setattr(Background, "result", lambda self: forked.append(self.forked) or result(self))
+    code, out, _ = export_with_dtype(tiny_pipeline, tmp_path, dtype)
+    assert code == 0 and forked == [True]
+    # Where no process can be forked, the stage writes them itself: the same bytes.
     monkeypatch.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
-    code, inline, _ = export_with_dtype(tiny_pipeline, tmp_path / "inline", "bfloat16")
-    assert code == 0 and started == ["bfloat16", "bfloat16"] and len(taken) == 1
+    code, inline, _ = export_with_dtype(tiny_pipeline, tmp_path / "inline", dtype)
+    assert code == 0 and forked == [True, False]
     assert (inline / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(out / "model.safetensors")
+    assert manifest["files"]["model.safetensors"]["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_a_failure_in_the_forked_process_is_reported_and_leaves_nothing(tiny_pipeline, tmp_path, capsys):  # noqa: F811
@@ -303,7 +308,7 @@ def test_a_failure_in_the_forked_process_is_reported_and_leaves_nothing(tiny_pip
     built = TensorFile(tiny_pipeline.model / "model.safetensors")
     model = tmp_path / "model"
     model.mkdir()
-    from stages.tensor_io import write_safetensors
+    from clipseg_pipeline.tensor_io import write_safetensors
 
     big = {name: built[name] * (1e6 if name == "clip.logit_scale" else 1) for name in built}
     write_safetensors(model / "model.safetensors", big, built.metadata)
@@ -319,10 +324,10 @@ def test_a_tokenizer_config_that_changes_the_ids_fails_the_check(tiny_pipeline, 
     folder = copy_export(tiny_pipeline, tmp_path / "hf")
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|endoftext|>"}), encoding="utf-8")
-    special = {**export.SPECIAL_TOKENS, "bos_token": "<|endoftext|>"}
+    special = {**hf_export.SPECIAL_TOKENS, "bos_token": "<|endoftext|>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    with pytest.raises(export.ExportError, match="the tokenizer in .* gives input_ids"):
-        export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, "float32", 1e-4, {}, threads=2)
+    with pytest.raises(hf_export.ExportError, match="the tokenizer in .* gives input_ids"):
+        hf_export.check_export(folder, tiny_pipeline.reference, tiny_pipeline.prompts, "float32", 1e-4, {}, threads=2)
 
 
 def test_a_missing_report_is_named_with_the_stage_to_run(tiny_pipeline, tmp_path, capsys):  # noqa: F811
@@ -341,10 +346,10 @@ def test_model_card_metadata_sources_and_verification(tiny_pipeline):  # noqa: F
     text = (tiny_pipeline.export / "README.md").read_text(encoding="utf-8")
     card = ModelCard(text)
     assert card.data.library_name == "transformers"
-    assert card.data.pipeline_tag == "image-segmentation"
-    assert (card.data.license, card.data.license_name, card.data.license_link) == (
-        "other", "clipseg-weights", "https://github.com/timojl/clipseg#weights")
-    assert "the MIT license does not apply to the weights" in text
+    # The tiny variant is synthetic: the card says so plainly, and claims no third-party weights or their licences.
+    assert "**This is a synthetic model, not CLIPSeg's weights.**" in text and "synthetic" in card.data.tags
+    assert card.data.license == "mit" and "the MIT license does not apply" not in text
+    assert "holds the original checkpoints" not in text
     download = json.loads(tiny_pipeline.report("download").read_text(encoding="utf-8"))
     params = yaml.safe_load(tiny_pipeline.params.read_text(encoding="utf-8"))["models"][VARIANT]
     for name, source in download["sources"].items():
@@ -365,7 +370,8 @@ def test_model_card_metadata_sources_and_verification(tiny_pipeline):  # noqa: F
 
 def rd64_card(verify: dict) -> model_card.CardInputs:
     """The model card's inputs for a float32 clipseg-rd64 export with the given verify report."""
-    arch = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["models"]["clipseg-rd64"]["architecture"]
+    arch = Architecture.from_mapping(
+        yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["models"]["clipseg-rd64"]["architecture"])
     return model_card.CardInputs(
         variant="clipseg-rd64", dtype="float32", architecture=arch, image_size=352, image_mean=[0.5] * 3,
         image_std=[0.5] * 3, prompts=["a cat"], sources=[], verify=verify, export_atol=1e-4,
@@ -386,6 +392,23 @@ def test_model_card_shows_the_published_check_when_there_is_one():
     assert "No published check values" not in text
     assert "ViT, 12 layers, width 768, 12 heads, patch 16" in text
     assert "the reference ran in float32." in text
+    # A converted published variant: its sources' licences, and metadata true for how the model is used.
+    card = ModelCard(text)
+    assert (card.data.license, card.data.license_name, card.data.license_link) == (
+        "other", "clipseg-weights", "https://github.com/timojl/clipseg#weights")
+    assert "the MIT license does not apply to the weights" in text and "holds the original" in text
+    assert "synthetic" not in text.lower()
+    # No transformers pipeline runs CLIPSeg: the card names none (the Hub would offer pipeline() on it) and turns the
+    # inference widget off; the usage snippet is the way to run it (tested above).
+    assert card.data.pipeline_tag is None and card.data.to_dict()["inference"] is False
+
+
+def test_no_transformers_pipeline_runs_clipseg_so_the_card_names_none(tiny_pipeline):  # noqa: F811
+    from PIL import Image
+    from transformers import pipeline
+
+    with pytest.raises(ValueError, match="Invalid conditional"):  # it gives the model no prompt
+        pipeline("image-segmentation", model=str(tiny_pipeline.export))(Image.new("RGB", (64, 64)))
 
 
 def test_model_card_refuses_a_verify_report_without_the_reference_dtype():
@@ -395,7 +418,7 @@ def test_model_card_refuses_a_verify_report_without_the_reference_dtype():
 
 
 def test_model_card_refuses_a_download_report_without_a_source():
-    from stages.params import Source
+    from clipseg_pipeline.params import Source
 
     sources = {"clip": Source("clip", "https://example.org/clip.pt", None, None)}
     with pytest.raises(model_card.ModelCardError, match=r"lacks the source\(s\) \['clip'\].*rerun the download stage"):

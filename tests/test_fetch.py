@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import PipelineError
-from stages.fetch import Fetched, FetchError, FetchPolicy, fetch
+from clipseg_pipeline.errors import PipelineError
+from clipseg_pipeline.fetch import Fetched, FetchError, FetchPolicy, fetch
 from tests.http_server import Fault, Seen, serve
 
 DATA = bytes(range(256)) * 40  # 10240 bytes: ten chunks at POLICY.chunk_bytes

@@ -31,9 +31,11 @@ import torch
 import yaml
 from PIL import Image
 
-from stages import download, fetch, inputs, remap_weights, synthetic
-from stages.inputs import InputError
-from stages.tensor_io import TensorFile
+from clipseg_pipeline import fetch, inputs
+from stages import download, remap_weights
+from tools import synthetic
+from clipseg_pipeline.inputs import InputError
+from clipseg_pipeline.tensor_io import TensorFile
 from tests.http_server import Fault, Seen, serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,8 @@ def write_params(tmp_path: Path, sources: dict[str, dict], *, download_params: d
 def download_argv(tmp_path: Path, params: Path) -> list[str]:
     return [
         "--variant", VARIANT, "--params", str(params), "--out", str(tmp_path / "out"),
-        "--cache", str(tmp_path / "cache"), "--report", str(tmp_path / "report.json"), "--no-progress",
+        "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "metrics.json"),
+        "--report", str(tmp_path / "report.json"), "--no-progress",
     ]  # fmt: skip
 
 
@@ -644,7 +647,8 @@ def remap_argv(tmp_path: Path) -> list[str]:
     return [
         "--variant", VARIANT, "--params", str(tmp_path / "params.yaml"),
         "--original", str(tmp_path / "out" / "original.safetensors"),
-        "--out", str(tmp_path / "remapped" / "remapped.safetensors"), "--report", str(tmp_path / "remap.json"),
+        "--out", str(tmp_path / "remapped" / "remapped.safetensors"), "--metrics", str(tmp_path / "remap.metrics.json"),
+        "--report", str(tmp_path / "remap.json"),
     ]  # fmt: skip
 
 
@@ -750,7 +754,8 @@ def test_row10_an_unknown_variant_on_the_command_line(tmp_path, capsys, tiny):
 STALLING_DOWNLOAD = """
 import contextlib, sys, time
 from pathlib import Path
-from stages import download, tensor_io
+from clipseg_pipeline import tensor_io
+from stages import download
 
 ready = Path(sys.argv[1])
 real_atomic_output = tensor_io.atomic_output
@@ -980,10 +985,10 @@ def test_row13_verify_with_a_one_pixel_image_and_a_huge_prompt(tmp_path, capsys,
     model, verify = tmp_path / "model", tmp_path / "verify"
     assert remap_weights.main(remap_argv(tmp_path)) == 0
     build = ["--variant", VARIANT, "--params", str(params), "--remapped", str(tmp_path / "remapped" / "remapped.safetensors"),
-             "--out", str(model), "--report", str(tmp_path / "build.json")]  # fmt: skip
+             "--out", str(model), "--metrics", str(tmp_path / "build.json")]  # fmt: skip
     assert build_model.main(build) == 0
     argv = ["--variant", VARIANT, "--params", str(params), "--model", str(model), "--original", str(tmp_path / "out"),
-            "--out", str(verify), "--metrics", str(tmp_path / "verify.json")]  # fmt: skip
+            "--out", str(verify), "--metrics", str(tmp_path / "verify.metrics.json"), "--report", str(tmp_path / "verify.json")]  # fmt: skip
     assert verify_outputs.main(argv) == 0, capsys.readouterr().err
     assert len(list((verify / "masks").iterdir())) == 2
     capsys.readouterr()

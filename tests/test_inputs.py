@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import inputs
+from clipseg_pipeline import inputs
 from tests.pipeline_fixture import SYNTHETIC
 
 PUBLISHED = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

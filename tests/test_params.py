@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import params
-from stages.params import ParamsError
+from clipseg_pipeline import params
+from clipseg_pipeline.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -43,8 +43,8 @@ def test_the_repository_params_parse():
     parsed = params.load(REPO / "params.yaml")
     assert sorted(parsed.models) == VARIANTS
     assert {"clipseg-tiny", "clipseg-rd16", "clipseg-rd64", "clipseg-rd64-refined"} <= set(VARIANTS)
-    assert parsed.model("clipseg-rd16").architecture["reduce_dim"] == 16
-    assert parsed.model("clipseg-rd64-refined").architecture["use_complex_transposed_convolution"] is True
+    assert parsed.model("clipseg-rd16").architecture.reduce_dim == 16
+    assert parsed.model("clipseg-rd64-refined").architecture.use_complex_transposed_convolution is True
     assert parsed.model("clipseg-rd64").sources["decoder"].member == "rd64-uni.pth"
 
 
@@ -273,6 +273,6 @@ def test_a_missing_file(tmp_path):
 
 
 def test_the_errors_are_pipeline_errors():
-    from stages.errors import PipelineError
+    from clipseg_pipeline.errors import PipelineError
 
     assert issubclass(ParamsError, PipelineError)  # run_stage prints them as one line

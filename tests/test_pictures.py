@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages import pictures, synthetic
+from clipseg_pipeline import pictures
+from tools import synthetic
 
 PROMPTS = ["a cat", "a remote", "a blanket"]
 

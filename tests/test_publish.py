@@ -10,8 +10,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub import CommitInfo, HfApi
 
-from stages import publish
-from stages.tensor_io import sha256_file
+from tools import publish
+from clipseg_pipeline.tensor_io import sha256_file
 from tests.pipeline_fixture import VARIANT, copy_export, tiny_pipeline  # noqa: F401
 
 FAKE_TOKEN = "hf_fake_token_for_tests_0123456789"
@@ -19,8 +19,31 @@ FAKE_TOKEN = "hf_fake_token_for_tests_0123456789"
 
 @pytest.fixture()
 def folder(tiny_pipeline, tmp_path):  # noqa: F811
-    """A private copy of the export, which a test may damage."""
-    return copy_export(tiny_pipeline, tmp_path / "hf")
+    """A private copy of the export, which a test may damage, standing for a converted published variant: its manifest
+    does not say synthetic (the tiny export's does)."""
+    copied = copy_export(tiny_pipeline, tmp_path / "hf")
+    manifest = json.loads((copied / "manifest.json").read_text(encoding="utf-8"))
+    (copied / "manifest.json").write_text(json.dumps({**manifest, "synthetic": False}), encoding="utf-8")
+    return copied
+
+
+def test_a_synthetic_export_is_published_only_when_allowed(tiny_pipeline, tmp_path, no_network, capsys):  # noqa: F811
+    synthetic = copy_export(tiny_pipeline, tmp_path / "hf")
+    assert json.loads((synthetic / "manifest.json").read_text(encoding="utf-8"))["synthetic"] is True
+    assert publish.main(["--folder", str(synthetic), "--repo-id", "org/name", "--dry-run"]) == 1
+    assert "holds a synthetic model" in capsys.readouterr().err
+    assert publish.main(["--folder", str(synthetic), "--repo-id", "org/name", "--dry-run", "--allow-synthetic"]) == 0
+    assert capsys.readouterr().out.startswith("would upload")
+
+
+def test_a_same_size_change_to_the_weights_is_refused(folder, no_network, capsys):
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last weight: the size is unchanged, only the sha256 tells
+    weights.unlink()  # a hard link to the pipeline's file: replace it, never edit it in place
+    weights.write_bytes(bytes(data))
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 1
+    assert re.search(r"does not match its manifest.json: .*changed \['model.safetensors'\]", capsys.readouterr().err)
 
 
 @pytest.fixture()

@@ -1,15 +1,17 @@
-"""Tests for stages.reference: each piece checked against torch.nn modules or explicit formulas."""
+"""Tests for clipseg_pipeline.reference: each piece checked against torch.nn modules or explicit formulas."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages import reference
+from clipseg_pipeline import reference
+from clipseg_pipeline.architecture import Architecture
 
-ARCH = {
+ARCH = Architecture.from_mapping({
     "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
                "patch_size": 16, "image_size": 224},
     "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -21,51 +23,17 @@ ARCH = {
     "decoder_intermediate_size": 64,
     "conditional_layer": 0,
     "use_complex_transposed_convolution": False,
-}
-REFINED_ARCH = {**ARCH, "use_complex_transposed_convolution": True}
+})
+REFINED_ARCH = replace(ARCH, use_complex_transposed_convolution=True)
 
 
-def _shapes(arch: dict) -> dict[str, tuple[int, ...]]:
-    """Every original key the forward pass reads, with its shape, for a tiny arch."""
-    v, t, d = arch["vision"], arch["text"], arch["reduce_dim"]
-    wv, wt, proj, patch = v["hidden_size"], t["hidden_size"], arch["projection_dim"], v["patch_size"]
-    shapes = {
-        "visual.conv1.weight": (wv, 3, patch, patch), "visual.class_embedding": (wv,),
-        "visual.positional_embedding": ((v["image_size"] // patch) ** 2 + 1, wv), "visual.proj": (wv, proj),
-        "token_embedding.weight": (t["vocab_size"], wt), "positional_embedding": (t["max_position_embeddings"], wt),
-        "text_projection": (wt, proj),
-    }
-    for name, width in (("visual.ln_pre", wv), ("visual.ln_post", wv), ("ln_final", wt)):
-        shapes |= {f"{name}.weight": (width,), f"{name}.bias": (width,)}
-    for k in range(v["num_hidden_layers"]):
-        block = reference._clip_block_shapes(wv, v["intermediate_size"])
-        shapes |= _prefixed(f"visual.transformer.resblocks.{k}.", block)
-    for k in range(t["num_hidden_layers"]):
-        shapes |= _prefixed(f"transformer.resblocks.{k}.", reference._clip_block_shapes(wt, t["intermediate_size"]))
-    for name in ("film_mul", "film_add"):
-        shapes |= {f"{name}.weight": (d, proj), f"{name}.bias": (d,)}
-    for i in range(len(arch["extract_layers"])):
-        shapes |= {f"reduces.{i}.weight": (d, wv), f"reduces.{i}.bias": (d,)}
-        shapes |= _prefixed(f"blocks.{i}.", reference._decoder_block_shapes(d, arch["decoder_intermediate_size"]))
-    if arch["use_complex_transposed_convolution"]:
-        k = patch // 4
-        shapes |= {"trans_conv.0.weight": (d, d, 3, 3), "trans_conv.0.bias": (d,),
-                   "trans_conv.2.weight": (d, d // 2, k, k), "trans_conv.2.bias": (d // 2,),
-                   "trans_conv.4.weight": (d // 2, 1, k, k), "trans_conv.4.bias": (1,)}
-    else:
-        shapes |= {"trans_conv.weight": (d, 1, patch, patch), "trans_conv.bias": (1,)}
-    return shapes
-
-
-def _prefixed(prefix: str, shapes: dict) -> dict:
-    return {prefix + key: shape for key, shape in shapes.items()}
-
-
-def make_tensors(arch: dict = ARCH, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_tensors(arch: Architecture = ARCH, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random original-format tensors; LayerNorm weights near 1 so activations stay well scaled."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for key, shape in _shapes(arch).items():
+    for key, shape in arch.original_shapes().items():
+        if key == "logit_scale":  # CLIP's, not read by CLIPSeg's forward pass
+            continue
         noise = torch.randn(shape, generator=gen)
         is_norm_weight = key.endswith("weight") and len(shape) == 1
         tensors[key] = 1 + 0.1 * noise if is_norm_weight else noise / math.sqrt(shape[-1])
@@ -318,7 +286,7 @@ def test_reference_forward_shapes(arch):
     expected |= {f"vision.block{k}{part}": (1, 485, 32) for k in range(4) for part in parts}
     expected |= {f"text.block{k}{part}": (3, 5, 32) for k in range(2) for part in parts}
     expected |= {f"decoder.step{i}{part}": (3, 485, 16) for i in range(3) for part in (*parts, ".reduce")}
-    if arch["use_complex_transposed_convolution"]:
+    if arch.use_complex_transposed_convolution:
         expected |= {"logits.trans_conv0": (3, 16, 22, 22), "logits.trans_conv2": (3, 8, 88, 88)}
     assert {key: tuple(value.shape) for key, value in out.items()} == expected
 
@@ -368,10 +336,10 @@ def test_decoder_block_parts_follow_post_norm_order():
 
 @pytest.mark.parametrize("conditional_layer", [0, 1])
 def test_one_image_for_many_prompts_equals_one_prompt_at_a_time(conditional_layer):
-    arch = {**ARCH, "conditional_layer": conditional_layer}
+    arch = replace(ARCH, conditional_layer=conditional_layer)
     tensors = make_tensors(arch)
     vision = reference.encode_image(tensors, arch, _pixels(352))
-    activations = [vision[f"vision.block{k}"] for k in arch["extract_layers"]]
+    activations = [vision[f"vision.block{k}"] for k in arch.extract_layers]
     cond = reference.encode_text(tensors, arch, PROMPTS)["conditional_embeddings"]
     together = reference.decode(tensors, arch, activations, cond)
     for p in range(3):
@@ -399,7 +367,7 @@ class _CountingLookups(dict):
 def test_the_forward_pass_looks_up_each_original_tensor_once(arch):
     tensors = _CountingLookups(make_tensors(arch))
     reference.reference_forward(tensors, arch, _pixels(352), PROMPTS, torch.float64)
-    assert tensors.lookups == dict.fromkeys(_shapes(arch), 1)
+    assert tensors.lookups == dict.fromkeys(set(arch.original_shapes()) - {"logit_scale"}, 1)
 
 
 def test_missing_key_names_the_key():
@@ -428,7 +396,7 @@ def test_plain_weights_with_refined_arch_are_refused():
     (lambda t: reference.encode_text(t, ARCH, torch.zeros(1, 78, dtype=torch.long)), "L <= 77"),
     (lambda t: reference.encode_text(t, ARCH, _ids([[1, 64]])), r"\[0, 64\)"),
     (lambda t: reference.encode_image(t, ARCH, torch.zeros(1, 4, 224, 224)), r"\[B, 3, H, W\]"),
-    (lambda t: reference.reference_forward(t, {**ARCH, "extract_layers": [1, 2, 4]}, _pixels(224), PROMPTS),
+    (lambda t: reference.reference_forward(t, replace(ARCH, extract_layers=(1, 2, 4)), _pixels(224), PROMPTS),
      "extract_layers"),
 ], ids=["batch", "activations", "grid", "length", "vocab", "channels", "extract_layers"])
 def test_bad_inputs_are_refused(call, message):

@@ -1,4 +1,4 @@
-"""The same bytes on every CPU (issue 7): verify-outputs and export, run in a fresh process whose torch, oneDNN and MKL
+"""The same bytes on every CPU: verify-outputs and export, run in a fresh process whose torch, oneDNN and MKL
 are held to older instruction sets (as on another machine), write exactly the bytes a run with this CPU's own kernels
 wrote: the reference outputs, the mask pictures, the metrics, the exported folder and its report.
 
@@ -25,10 +25,10 @@ OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "M
 
 FLOAT32_FORWARD = """
 import hashlib, sys, torch
-from stages.inputs import load_image, pixel_values, token_ids, tokenizer
-from stages.params import load
-from stages.reference import reference_forward
-from stages.tensor_io import TensorFile
+from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
+from clipseg_pipeline.params import load
+from clipseg_pipeline.reference import reference_forward
+from clipseg_pipeline.tensor_io import TensorFile
 params = load(sys.argv[1]); model = params.model(sys.argv[2]); torch.set_num_threads(params.verify.threads)
 folder = sys.argv[3]
 pixels = pixel_values(load_image(folder + "/image"), params.processor.image_size, params.processor.image_mean, params.processor.image_std)
@@ -59,7 +59,7 @@ def test_verify_outputs_writes_the_same_bytes_on_another_cpu(tiny_pipeline, tmp_
     out, metrics = tmp_path / "verify", tmp_path / "verify.json"
     result = run(["-m", "stages.verify_outputs", "--variant", VARIANT, "--params", str(tiny_pipeline.params),
                   "--model", str(tiny_pipeline.model), "--original", str(tiny_pipeline.original),
-                  "--out", str(out), "--metrics", str(metrics)], OTHER_CPU)
+                  "--out", str(out), "--metrics", str(tmp_path / "verify.metrics.json"), "--report", str(metrics)], OTHER_CPU)
     assert files(out) == files(tiny_pipeline.reference.parent)
     assert len(files(out)) == 1 + len(tiny_pipeline.prompts)  # reference.safetensors and one picture per prompt
     assert metrics.read_bytes() == tiny_pipeline.report("verify").read_bytes()

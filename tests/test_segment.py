@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import pictures, segment, synthetic
+from clipseg_pipeline import pictures
+from tools import segment, synthetic
 from tests.pipeline_fixture import REPO, tiny_pipeline  # noqa: F401
 
 PROMPTS = ["a cat", "a remote"]
@@ -100,7 +101,7 @@ def test_segment_handles_an_image_smaller_than_a_patch(tiny_pipeline, tmp_path):
 
 
 def test_encoding_the_image_once_gives_what_the_models_own_forward_gives(tiny_pipeline):  # noqa: F811
-    from stages.inputs import load_image, token_ids
+    from clipseg_pipeline.inputs import load_image, token_ids
 
     processor = segment.load_processor(tiny_pipeline.export)
     model = segment.load_model(tiny_pipeline.export)
@@ -118,7 +119,7 @@ def test_encoding_the_image_once_gives_what_the_models_own_forward_gives(tiny_pi
 def test_segment_runs_from_the_command_line(tiny_pipeline, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "stages.segment", "--model", str(tiny_pipeline.export), "--image", str(tiny_pipeline.original / "image"),
+        [sys.executable, "-m", "tools.segment", "--model", str(tiny_pipeline.export), "--image", str(tiny_pipeline.original / "image"),
          "--prompt", "a cat", "--out", str(out)],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
     )

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from stages import synthetic
+from tools import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_torchscript_bytes_do_not_depend_on_what_was_scripted_before(tmp_path, t
     synthetic.write_clip_torchscript(synthetic.clip_state_dict(other, 0), tmp_path / "a" / "clip.pt")
     synthetic.write_clip_torchscript(synthetic.clip_state_dict(tiny_arch, 0), tmp_path / "b" / "clip.pt")
     fresh = tmp_path / "fresh"
-    subprocess.run([sys.executable, "-m", "stages.synthetic", "--out", str(fresh), "--preset", "tiny"],
+    subprocess.run([sys.executable, "-m", "tools.synthetic", "--out", str(fresh), "--preset", "tiny"],
                    cwd=REPO, check=True, capture_output=True)
     assert sha256(tmp_path / "b" / "clip.pt") == sha256(fresh / "clip.pt")
 
@@ -227,7 +227,7 @@ def test_committed_tiny_sources_are_reproducible(tiny_sources):
     for name, path in tiny_sources.items():
         assert sha256(committed / path.name) == sha256(path), (
             f"data/synthetic/clipseg-tiny/{path.name} differs from the generator's output; regenerate with "
-            f"python -m stages.synthetic --out data/synthetic/clipseg-tiny --preset tiny --seed 0")
+            f"python -m tools.synthetic --out data/synthetic/clipseg-tiny --preset tiny --seed 0")
 
 
 def test_sources_stay_small(tiny_sources):
@@ -307,8 +307,7 @@ def test_vocab_mismatch_names_both_sizes(tmp_path):
 def test_inconsistent_arch_is_refused():
     arch = synthetic.preset_arch("tiny")
     arch["vision"]["image_size"] = 200
-    arch["reduce_dim"] = 18
-    with pytest.raises(ValueError, match=r"image_size 200 is not a multiple of patch_size 16.*reduce_dim 18"):
+    with pytest.raises(ValueError, match=r"invalid architecture: .*image_size` \(200\) must be a multiple of patch_size \(16\)"):
         synthetic.clip_state_dict(arch, 0)
 
 

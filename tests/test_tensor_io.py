@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages import tensor_io
-from stages.tensor_io import FileHash, LazyTensors, OutputError, Spec, TensorFile, write_safetensors
+from clipseg_pipeline import tensor_io
+from clipseg_pipeline.tensor_io import LazyTensors, OutputError, Spec, TensorFile, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,20 +55,6 @@ def test_the_sha256_taken_while_writing_is_the_files(tmp_path, numpy):
     digest = write_safetensors(path, data, {"b": "2", "a": "1"}, sha256=True)
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert write_safetensors(tmp_path / "u.safetensors", data) is None
-
-
-def test_a_background_hash_is_given_only_for_the_file_it_hashed(tmp_path):
-    path, link, other = tmp_path / "a.bin", tmp_path / "link.bin", tmp_path / "b.bin"
-    path.write_bytes(b"x" * 100_000)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    os.link(path, link)
-    assert FileHash(path).of(path) == digest
-    assert FileHash(path).of(link) == digest  # a hard link is the same file
-    replaced = FileHash(path)
-    other.write_bytes(b"y" * 100_000)
-    os.replace(other, path)  # the way the stages write: a new file renamed over the old one
-    assert replaced.of(path) is None
-    assert FileHash(tmp_path / "missing.bin").of(tmp_path / "missing.bin") is None
 
 
 def test_a_spec_takes_safetensors_dtype_names_only():
@@ -144,7 +130,7 @@ def test_an_unknown_framework_is_refused(tmp_path):
 
 
 def test_the_stages_that_only_move_tensors_import_neither_torch_nor_transformers():
-    # Each import costs seconds of every run's start-up (issue 4): remap-weights and build-model move numpy arrays, and
+    # Each import costs seconds of every run's start-up: remap-weights and build-model move numpy arrays, and
     # export loads torch and the modelling code only for a float16/bfloat16 export, whose check runs the model.
     code = (
         "import sys; import stages.remap_weights, stages.build_model, stages.export; "

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import regex
 
-from stages import download, synthetic, tokenizer
-from stages.inputs import tokenizer as hf_tokenizer
+from clipseg_pipeline import tokenizer
+from stages import download
+from tools import synthetic
+from clipseg_pipeline.inputs import tokenizer as hf_tokenizer
 from tests.pipeline_fixture import SYNTHETIC, VARIANT, tiny_pipeline, write_params  # noqa: F401
 
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -143,7 +145,7 @@ def downloaded(tmp_path_factory) -> dict[str, Path]:
         root = tmp_path_factory.mktemp(f"download-{kind}")
         params = write_params(root / "params.yaml", sources=tokenizer_sources(kind))
         argv = ["--variant", VARIANT, "--params", str(params), "--out", str(root / "data"), "--cache", str(root / "cache"),
-                "--report", str(root / "download.json"), "--no-progress"]
+                "--metrics", str(root / "download.metrics.json"), "--report", str(root / "download.json"), "--no-progress"]
         assert download.main(argv) == 0
         folders[kind] = root / "data"
     return folders

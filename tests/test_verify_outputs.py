@@ -24,9 +24,11 @@ import pytest
 import torch
 import yaml
 
-from stages import build_model, download, remap_weights, synthetic, verify_outputs
-from stages.forked import Forked
-from stages.tensor_io import TensorFile, write_safetensors
+from clipseg_pipeline.converted_model import load_model
+from clipseg_pipeline.recording import OUTPUTS
+from stages import build_model, download, remap_weights, verify_outputs
+from tools import synthetic
+from clipseg_pipeline.tensor_io import TensorFile, write_safetensors
 from tests.pipeline_fixture import REPO, edited_params
 
 VARIANT = "v"
@@ -58,13 +60,14 @@ class Built:
     def verify_argv(self, out: Path, model: Path | None = None, params: Path | None = None) -> list[str]:
         return self.stage_argv(params) + [
             "--model", str(model or self.model), "--original", str(self.original),
-            "--out", str(out / "verify"), "--metrics", str(out / "verify.json"),
+            "--out", str(out / "verify"), "--metrics", str(out / "verify.metrics.json"), "--report", str(out / "verify.json"),
         ]  # fmt: skip
 
     def remap_argv(self, out: Path, params: Path) -> list[str]:
         return self.stage_argv(params) + [
             "--original", str(self.original / "original.safetensors"),
-            "--out", str(out / "remapped.safetensors"), "--report", str(out / "remap.json"),
+            "--out", str(out / "remapped.safetensors"), "--metrics", str(out / "remap.metrics.json"),
+            "--report", str(out / "remap.json"),
         ]  # fmt: skip
 
 
@@ -74,7 +77,7 @@ def write_params(path: Path, arch: dict, sources: dict[str, Path], member: str, 
               for name in ("clip", "vocab", "merges", "image")}
     pinned["decoder"] = {"url": str(sources["decoder"]), "sha256": synthetic.sha256_file(sources["decoder"]), "member": member}
     only_v = {VARIANT: {"architecture": arch, "sources": pinned, "verify": {"prompts": prompts},
-                        "expected": None, "export": {"dtype": "float32"}}}
+                        "expected": None, "export": {"dtype": "float32", "synthetic": True}}}
     return edited_params(REPO / "params.yaml", lambda data: data.update(variants=[VARIANT], models=only_v), path)
 
 
@@ -83,10 +86,11 @@ def build(root: Path, arch: dict, member: str, prompts: list[str] = PROMPTS) -> 
     built = Built(root, write_params(root / "params.yaml", arch, sources, member, prompts))
     remapped = root / "remapped.safetensors"
     stages = [
-        (download, ["--out", str(built.original), "--cache", str(root / "cache"), "--report", str(root / "download.json")]),
+        (download, ["--out", str(built.original), "--cache", str(root / "cache"), "--metrics", str(root / "download.metrics.json"),
+                     "--report", str(root / "download.json")]),
         (remap_weights, ["--original", str(built.original / "original.safetensors"), "--out", str(remapped),
-                         "--report", str(root / "remap.json")]),
-        (build_model, ["--remapped", str(remapped), "--out", str(built.model), "--report", str(root / "build.json")]),
+                         "--metrics", str(root / "remap.metrics.json"), "--report", str(root / "remap.json")]),
+        (build_model, ["--remapped", str(remapped), "--out", str(built.model), "--metrics", str(root / "build.json")]),
     ]  # fmt: skip
     for stage, argv in stages:
         assert stage.main(built.stage_argv() + argv) == 0, f"{stage.__name__} failed on the synthetic sources"
@@ -150,12 +154,12 @@ def error_line(stderr: str) -> str:
 
 
 def test_published_values_are_checked_through_the_models_forward_on_their_first_prompt(tiny, tmp_path):
-    from stages.inputs import load_image, pixel_values, token_ids, tokenizer
+    from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
 
     # Values published the way transformers' conversion computed them: a batch of prompts, the image repeated for each.
     params = yaml.safe_load(tiny.params.read_text(encoding="utf-8"))
     prompts, half = ["a remote", "two cats sitting on a pink blanket", "cat"], [0.5, 0.5, 0.5]
-    model = verify_outputs.load_model(tiny.model)
+    model = load_model(tiny.model)
     image, tok = load_image(tiny.original / "image"), tokenizer(tiny.original)
     with torch.inference_mode():
         pixels = pixel_values(image, params["processor"]["image_size"], half, half)
@@ -173,7 +177,7 @@ def test_published_values_are_checked_through_the_models_forward_on_their_first_
     # The stage runs the first prompt alone, the image once: its row is the batch's.
     agrees = run_with(published, "agrees")
     assert agrees.code == 0, agrees.stderr
-    assert agrees.metrics["published_check"] == {name: {"passed": True, "tolerance": 1e-4} for name in verify_outputs.OUTPUTS}
+    assert agrees.metrics["published_check"] == {name: {"passed": True, "tolerance": 1e-4} for name in OUTPUTS}
     off = run_with({**published, "pooled_output": [published["pooled_output"][0] + 0.01, *published["pooled_output"][1:]]}, "off")
     assert off.code == 1
     assert "the published check values differ for ['pooled_output']" in error_line(off.stderr)
@@ -212,7 +216,7 @@ def check_passed(run: Verified) -> None:
     assert run.code == 0, run.stderr
     metrics = run.metrics
     assert metrics["passed"] and metrics["intermediates_passed"] and metrics["first_divergence"] is None
-    assert set(metrics["outputs"]) == set(verify_outputs.OUTPUTS)
+    assert set(metrics["outputs"]) == set(OUTPUTS)
     for name, figures in metrics["outputs"].items():
         # Recorded without the CPU-dependent figure; the exact one is on stderr.
         assert figures == {"passed": True}
@@ -258,31 +262,12 @@ def test_metrics_reference_and_pictures_are_byte_identical_across_runs(tiny, tin
     first, second = tiny_verified, run_verify(tiny, tmp_path)
     assert first.code == second.code == 0
     files = sorted(p.relative_to(first.out) for p in first.out.rglob("*") if p.is_file())
-    assert len(files) == 2 + len(PROMPTS)
+    assert len(files) == 3 + len(PROMPTS)  # metrics, report, reference and one picture per prompt
     for name in files:
         assert (first.out / name).read_bytes() == (second.out / name).read_bytes(), name
 
 
-def test_the_vision_reference_runs_in_a_forked_process_and_gives_the_same_bytes_as_in_the_stage(tiny, tiny_verified, tmp_path, monkeypatch):
-    started, taken = [], []
-    start, result = Forked.start, Forked.result
-    monkeypatch.setattr(Forked, "start", lambda *args: started.append(args[0].__name__) or start(*args))
-    monkeypatch.setattr(Forked, "result", lambda self: taken.append(self.call[0].__name__) or result(self))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the stage keeps the forked work's file
-    forked = run_verify(tiny, tmp_path / "forked")
-    assert forked.code == 0 and started == taken == ["write_vision_reference"]
-    # Where no process can be forked, the stage computes it all itself.
-    with monkeypatch.context() as no_fork:
-        no_fork.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
-        inline = run_verify(tiny, tmp_path / "inline")
-    assert inline.code == 0 and started == ["write_vision_reference"] * 2 and taken == ["write_vision_reference"]
-    for run in (forked, inline):
-        for path in sorted(p for p in tiny_verified.out.rglob("*") if p.is_file()):
-            assert (run.out / path.relative_to(tiny_verified.out)).read_bytes() == path.read_bytes(), path.name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["forked", "inline"]  # the forked work's file went with the stage
-
-
-def test_a_vision_tower_that_does_not_fit_the_original_is_named_by_the_forked_reference(tiny, tmp_path):
+def test_a_vision_tower_that_does_not_fit_the_original_is_named_by_the_reference(tiny, tmp_path):
     params = edited_params(tiny.params, lambda p: p["models"][VARIANT]["architecture"]["vision"].update(
         intermediate_size=2 * p["models"][VARIANT]["architecture"]["vision"]["intermediate_size"]), tmp_path / "params.yaml")
     run = run_verify(tiny, tmp_path, params=params)
@@ -381,7 +366,7 @@ def test_q_and_k_swapped_in_vision_layer_3_is_caught(tiny, tmp_path):
     layer = "clip.vision_model.encoder.layers.3.self_attn"
     model = tampered(tiny, tmp_path / "model", swap(f"{layer}.q_proj", f"{layer}.k_proj"))
     check_caught(run_verify(tiny, tmp_path, model=model), "vision.block3.attention",
-                 f"{layer} (q_proj, k_proj, v_proj, out_proj)", "visual.transformer.resblocks.3.attn (in_proj_weight")
+                 f"{layer} (q_proj, k_proj, v_proj, out_proj)", "visual.transformer.resblocks.3.attn (in_proj_bias, in_proj_weight, out_proj; in_proj split into q, k, v)")
 
 
 def test_k_and_v_swapped_in_decoder_layer_1_is_caught(tiny, tmp_path):
@@ -446,7 +431,7 @@ def test_plain_original_verified_against_a_refined_architecture_is_refused(tiny,
 
 
 def _bos_id(built: Built) -> int:
-    from stages.inputs import tokenizer
+    from clipseg_pipeline.inputs import tokenizer
 
     return tokenizer(built.original).bos_token_id
 
@@ -462,130 +447,11 @@ def test_text_pooled_at_the_wrong_position_is_caught(tiny, tmp_path, eos_token_i
 def test_eos_token_id_of_the_real_end_token_pools_at_the_same_position_and_passes(tiny, tmp_path):
     # The verdict comes from what the model computes, not from how its config reads: the end token's own id finds
     # the same position as the argmax of the ids.
-    from stages.inputs import tokenizer
+    from clipseg_pipeline.inputs import tokenizer
 
     eos = tokenizer(tiny.original).eos_token_id
     model = tampered(tiny, tmp_path / "model", config=lambda c: c["text_config"].update(eos_token_id=eos))
     check_passed(run_verify(tiny, tmp_path, model=model))
-
-
-# ---- pieces --------------------------------------------------------------------------------------------------------
-
-
-def test_recorded_drops_noise_and_keeps_real_differences():
-    assert verify_outputs.recorded(7.2e-6, 1.3e-7, passed=True) == {"passed": True}
-    assert verify_outputs.recorded(0.83124, 0.0123456, passed=False) == {"max_abs_diff": 0.83, "max_rel_diff": 0.012, "passed": False}
-    assert verify_outputs.recorded(math.inf, math.inf, passed=False) == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
-    assert verify_outputs.recorded(2.5e-3, None, passed=False) == {"max_abs_diff": 0.0025, "passed": False}
-
-
-def test_relative_difference_is_taken_against_the_entry_scale():
-    reference = {name: torch.tensor([[4.0, 1e-9, -2.0]]) for name in verify_outputs.OUTPUTS}
-    converted = {name: t + torch.tensor([[0.0, 1e-6, 0.0]]) for name, t in reference.items()}
-    comparisons = verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
-    assert all(c.passed for c in comparisons)
-    # Element by element, 1e-6 against 1e-9 would read as a 1000-fold difference.
-    assert all(c.max_rel_diff == pytest.approx(1e-6 / 4.0) for c in comparisons)
-
-
-def test_entries_expanded_on_both_sides_compare_as_their_full_copies():
-    # One image's entries serve every prompt as stride-0 views, compared on one row: the full copies' figures.
-    row = torch.tensor([[[4.0, -2.0, 1e-9]]], dtype=torch.float64)
-    ours_row = (row + torch.tensor([[[0.0, 3e-5, -2e-5]]], dtype=torch.float64)).float()
-    names = ["vision.block0", "decoder.step0.reduce", *verify_outputs.OUTPUTS]
-    expanded = {name: (ours_row.expand(3, -1, -1), row.expand(3, -1, -1)) for name in names}
-    expanded["decoder.step0.reduce"] = (ours_row.expand(3, -1, -1).contiguous(), row.expand(3, -1, -1))  # one side only
-    copies = {name: (ours.contiguous(), ref.contiguous()) for name, (ours, ref) in expanded.items()}
-
-    def compared(pairs):
-        converted, reference = {n: ours for n, (ours, _) in pairs.items()}, {n: ref for n, (_, ref) in pairs.items()}
-        return verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
-
-    assert compared(expanded) == compared(copies)
-    assert compared(expanded)[0].max_abs_diff == (ours_row.double() - row).abs().max().item() > 0
-
-
-def test_non_finite_values_fail_and_are_named():
-    reference = {name: torch.zeros(2, 3) for name in verify_outputs.OUTPUTS}
-    converted = {**reference, "logits": torch.full((2, 3), math.nan)}
-    comparisons = verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
-    message = verify_outputs.failure_message(comparisons, {})
-    assert "differs from the reference in logits (NaN or Inf values)" in message
-    metrics = verify_outputs.metrics(comparisons, {}, 1e-4, 2, VARIANT, "float64")
-    assert metrics["outputs"]["logits"] == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
-    json.dumps(metrics, allow_nan=False)  # what write_json requires
-
-
-def test_first_divergence_follows_the_reference_order_not_the_names():
-    names = ["vision.block2", "vision.block10", "pooled_output", "text.block0", "conditional_embeddings", "logits"]
-    reference = {name: torch.ones(1, 2) for name in names}
-    converted = {**reference, "vision.block10": torch.zeros(1, 2), "vision.block2": torch.zeros(1, 2), "logits": torch.zeros(1, 2)}
-    comparisons = verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
-    assert [c.name for c in comparisons] == names
-    message = verify_outputs.failure_message(comparisons, {})
-    assert "First divergence, in the order data flows: vision.block2 (" in message
-    assert "clip.vision_model.encoder.layers.2, which comes from the original visual.transformer.resblocks.2" in message
-
-
-def test_entries_on_one_side_only_are_refused():
-    reference = {name: torch.ones(1) for name in verify_outputs.OUTPUTS}
-    converted = {**reference, "decoder.step3": torch.ones(1)}
-    with pytest.raises(verify_outputs.VerificationError, match=r"only one side: \['decoder\.step3'\]"):
-        verify_outputs.compare(converted, reference, atol=1e-4, rtol=1e-4)
-
-
-def test_every_entry_has_its_sources_described(tiny, tiny_refined):
-    from stages.inputs import load_image, pixel_values, token_ids, tokenizer
-
-    for built in (tiny, tiny_refined):
-        model = verify_outputs.load_model(built.model)
-        pixels = pixel_values(load_image(built.original / "image"), 224, [0.5] * 3, [0.5] * 3)
-        ids = token_ids(tokenizer(built.original), PROMPTS)
-        for entry in verify_outputs.traced_forward(model, pixels, ids["input_ids"], ids["attention_mask"]):
-            hf, original = verify_outputs.sources(entry)
-            assert hf and original and "{" not in hf + original
-
-
-def test_the_stage_loads_the_model_from_pretrained_would(tiny, tiny_refined):
-    # load_model skips from_pretrained's conversion tables (0.1-0.3 s at full size): it must end in the same model.
-    from transformers import CLIPSegForImageSegmentation
-
-    from stages.inputs import load_image, pixel_values, token_ids, tokenizer
-
-    for built in (tiny, tiny_refined):
-        ours = verify_outputs.load_model(built.model)
-        theirs = CLIPSegForImageSegmentation.from_pretrained(built.model).eval()
-        assert (ours.training, ours.config._attn_implementation) == (theirs.training, theirs.config._attn_implementation)
-        ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
-        assert list(ours_state) == list(theirs_state)
-        for name, tensor in ours_state.items():
-            assert tensor.dtype == theirs_state[name].dtype and torch.equal(tensor, theirs_state[name]), name
-        pixels = pixel_values(load_image(built.original / "image"), 224, [0.5] * 3, [0.5] * 3)
-        ids = token_ids(tokenizer(built.original), PROMPTS)
-        with torch.inference_mode():
-            assert torch.equal(ours(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids).logits,
-                               theirs(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids).logits)
-
-
-def test_weights_stored_in_another_dtype_are_refused_on_loading(tiny, tmp_path):
-    model = tampered(tiny, tmp_path / "model", lambda state: state.update({name: t.half() for name, t in state.items() if name.endswith("fc1.weight")}))
-    run = run_verify(tiny, tmp_path, model=model)
-    assert run.code == 1
-    message = error_line(run.stderr)
-    assert "the weights in model.safetensors do not fit config.json" in message
-    assert re.search(r"'mismatched_keys': \['clip\.text_model\.encoder\.layers\.0\.mlp\.fc1\.weight: file \[\d+, \d+\] torch\.float16, config \[\d+, \d+\]'", message), message
-
-
-def test_hf_outputs_encodes_the_image_once_and_matches_the_models_forward(tiny):
-    from stages.inputs import load_image, pixel_values, token_ids, tokenizer
-
-    model = verify_outputs.load_model(tiny.model)
-    pixels = pixel_values(load_image(tiny.original / "image"), 352, [0.5] * 3, [0.5] * 3)
-    ids = token_ids(tokenizer(tiny.original), PROMPTS)
-    fast = verify_outputs.hf_outputs(model, pixels, ids["input_ids"], ids["attention_mask"])
-    traced = verify_outputs.traced_forward(model, pixels, ids["input_ids"], ids["attention_mask"])
-    for name in verify_outputs.OUTPUTS:
-        torch.testing.assert_close(fast[name], traced[name], atol=1e-5, rtol=1e-5)
 
 
 def test_cli_help(capsys):

@@ -1,4 +1,4 @@
-"""remap-weights: the rule table on the real published key names, tensor surgery round trips, and every failure."""
+"""The name map (clipseg_pipeline.name_map): the rule table on the real published key names, tensor surgery round trips, and every failure."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.remap_weights import (
+from clipseg_pipeline.architecture import Architecture
+from clipseg_pipeline.name_map import (
     RULES,
     OriginalLayout,
     RemapError,
@@ -53,11 +54,11 @@ def meta_checkpoint(name: str) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(SCALARS[k]) if k in SCALARS else torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
-def arch(refined: bool = False, reduce_dim: int = 64) -> dict:
+def arch(refined: bool = False, reduce_dim: int = 64) -> Architecture:
     a = copy.deepcopy(VIT_B16)
     a["use_complex_transposed_convolution"] = refined
     a["reduce_dim"] = reduce_dim
-    return a
+    return Architecture.from_mapping(a)
 
 
 @pytest.mark.parametrize("variant, refined", [("rd64", False), ("rd64-refined", True)])
@@ -123,7 +124,7 @@ def test_values_travel_to_the_right_targets():
 
 @pytest.mark.parametrize("refined", [False, True], ids=["plain", "refined"])
 def test_the_original_layout_rebuilds_every_mapped_tensor_from_the_converted_ones(refined):
-    from stages import reference
+    from clipseg_pipeline import reference
     from tests.test_reference import ARCH, REFINED_ARCH, make_tensors
 
     tiny = REFINED_ARCH if refined else ARCH
@@ -176,9 +177,7 @@ def test_architecture_check_names_missing_unknown_and_misshapen_keys():
 def test_rd16_decoder_under_an_rd64_variant_names_reduce_dim():
     source = meta_checkpoint("original_keys_rd64.txt")
     rd16 = {k: v for k, v in source.items() if not k.startswith(("film_", "reduces.", "blocks.", "trans_conv"))}
-    from stages.original import decoder_shapes
-
-    rd16 |= {k: torch.empty(s, device="meta") for k, s in decoder_shapes(arch(reduce_dim=16)).items()}
+    rd16 |= {k: torch.empty(s, device="meta") for k, s in arch(reduce_dim=16).decoder_shapes().items()}
     with pytest.raises(RemapError, match=r"reduce_dim 16 .* models\.clipseg-rd64\.architecture\.reduce_dim is 64: set it to 16"):
         check_architecture(rd16, arch(), "clipseg-rd64")
 

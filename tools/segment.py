@@ -1,6 +1,6 @@
 """segment: an exported model folder + any image + text prompts -> one probability map and one overlay per prompt.
 
-    python -m stages.segment --model outputs/clipseg-tiny/hf --image photo.jpg --prompt "a cat" --prompt "a remote" --out masks/
+    python -m tools.segment --model outputs/clipseg-tiny/hf --image photo.jpg --prompt "a cat" --prompt "a remote" --out masks/
 
 Writes into --out, per prompt (NN = its position): NN-<prompt>.mask.png (the sigmoid of the prediction as 8-bit
 grayscale, at the image's size), NN-<prompt>.overlay.png (the mask over the image, the prompt as a legend underneath)
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PipelineError, exit_now, run_stage
-from .hf_layout import WEIGHTS_FILE
+from clipseg_pipeline.errors import PipelineError
+from clipseg_pipeline.runner import exit_now, run_stage
+from clipseg_pipeline.hf_layout import WEIGHTS_FILE
 
 STAGE = "segment"
 CONTACT_SHEET = "contact-sheet.png"
@@ -68,8 +69,8 @@ def segment(model, processor, image, ids: dict[str, torch.Tensor]) -> torch.Tens
     The processor resizes the whole image to the model's square input (no crop), so resizing the prediction back to
     the image's size puts every pixel where it belongs.
     """
-    from .pictures import probabilities
-    from .verify_outputs import hf_outputs
+    from clipseg_pipeline.converted_model import hf_outputs
+    from clipseg_pipeline.pictures import probabilities
 
     pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"].to(model.dtype)
     logits = hf_outputs(model, pixels, ids["input_ids"], ids["attention_mask"])["logits"]
@@ -77,8 +78,8 @@ def segment(model, processor, image, ids: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def write_results(image, probs: torch.Tensor, prompts: Sequence[str], out: Path, npy: bool) -> list[Path]:
-    from .pictures import contact_sheet, fit_width, mask_picture, overlay, prompt_stem, save_png
-    from .tensor_io import atomic_output
+    from clipseg_pipeline.pictures import contact_sheet, fit_width, mask_picture, overlay, prompt_stem, save_png
+    from clipseg_pipeline.tensor_io import atomic_output
 
     paths, cells = [], []
     for index, (prompt, probability) in enumerate(zip(prompts, probs, strict=True)):
@@ -99,7 +100,7 @@ def write_results(image, probs: torch.Tensor, prompts: Sequence[str], out: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.segment", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.segment", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="an exported model folder (outputs/<variant>/hf)")
     parser.add_argument("--image", type=Path, required=True, help="any image PIL reads (JPEG, PNG, ...; any size and mode)")
     parser.add_argument("--prompt", action="append", required=True, help="a text prompt; repeat for several")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from .inputs import load_image, token_ids
+        from clipseg_pipeline.inputs import load_image, token_ids
 
         started = time.perf_counter()
 

@@ -11,7 +11,7 @@ every dict lists its entries in the order the forward pass computes them, a part
 the vision tower, the pooled output, the text tower, the conditional embeddings, the decoder steps,
 the logits. The first entry where a converted model disagrees is therefore where its fault starts.
 
-Written from shared/ORIGINAL_FORMAT.md with plain torch and nothing from transformers, so that it
+Written from the original code's description (docs/original-format.md) with plain torch and nothing from transformers, so that it
 can prove a conversion to the Hugging Face layout correct. Every tensor is cast to the working dtype
 (`dtype`: float32 by default, float64 for verify-outputs) when used, whatever its stored dtype (the
 CLIP file mixes fp16 and fp32). The arch mapping is trusted (it is validated where params are read);
@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .architecture import Architecture, clip_block_shapes, decoder_block_shapes, linear_shapes, norm_shapes
 
 LAYER_NORM_EPS = 1e-5  # OpenAI CLIP's LayerNorm and nn.TransformerEncoderLayer's default
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP's activation: x * sigmoid(1.702 x)
@@ -67,28 +69,6 @@ def _tensor(weights: _Weights, key: str, shape: Sequence[int], cast: bool = True
 def _group(weights: _Weights, prefix: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
     """Tensors `prefix + suffix` for every suffix in `shapes`, keyed by suffix."""
     return {suffix: _tensor(weights, prefix + suffix, shape) for suffix, shape in shapes.items()}
-
-
-def _clip_block_shapes(width: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    return {
-        "ln_1.weight": (width,),                      "ln_1.bias": (width,),
-        "attn.in_proj_weight": (3 * width, width),    "attn.in_proj_bias": (3 * width,),
-        "attn.out_proj.weight": (width, width),       "attn.out_proj.bias": (width,),
-        "ln_2.weight": (width,),                      "ln_2.bias": (width,),
-        "mlp.c_fc.weight": (intermediate, width),     "mlp.c_fc.bias": (intermediate,),
-        "mlp.c_proj.weight": (width, intermediate),   "mlp.c_proj.bias": (width,),
-    }
-
-
-def _decoder_block_shapes(width: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    return {
-        "self_attn.in_proj_weight": (3 * width, width),  "self_attn.in_proj_bias": (3 * width,),
-        "self_attn.out_proj.weight": (width, width),     "self_attn.out_proj.bias": (width,),
-        "linear1.weight": (intermediate, width),         "linear1.bias": (intermediate,),
-        "linear2.weight": (width, intermediate),         "linear2.bias": (width,),
-        "norm1.weight": (width,),                        "norm1.bias": (width,),
-        "norm2.weight": (width,),                        "norm2.bias": (width,),
-    }
 
 
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -153,11 +133,11 @@ def _run_block(out: dict[str, Tensor], name: str, block, x: Tensor, *args) -> Te
     return x
 
 
-def _positional_embedding(tensors: _Weights, arch: Mapping, grid: tuple[int, int]) -> Tensor:
+def _positional_embedding(tensors: _Weights, arch: Architecture, grid: tuple[int, int]) -> Tensor:
     """Vision positional embedding [1 + gh*gw, W]; the patch rows are resized bicubically to `grid`."""
-    vision = arch["vision"]
-    width, stored_side = vision["hidden_size"], vision["image_size"] // vision["patch_size"]
-    pos = _tensor(tensors, "visual.positional_embedding", (stored_side * stored_side + 1, width))
+    vision = arch.vision
+    width, stored_side = vision.hidden_size, vision.grid_side
+    pos = _tensor(tensors, "visual.positional_embedding", (vision.positions, width))
     if grid == (stored_side, stored_side):
         return pos
     # Patch rows are row-major over the stored grid; the class row has no grid position and is kept.
@@ -166,7 +146,7 @@ def _positional_embedding(tensors: _Weights, arch: Mapping, grid: tuple[int, int
     return torch.cat([pos[:1], patches.reshape(width, grid[0] * grid[1]).T])
 
 
-def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor,
+def encode_image(tensors: Mapping[str, Tensor], arch: Architecture, pixel_values: Tensor,
                  dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Normalized pixels [B, 3, H, W] -> {"vision.embeddings", "vision.pre_norm", "vision.block{k}[.part]": [B, T, W],
     "vision.post_norm": [B, W], "pooled_output": [B, proj]}.
@@ -174,8 +154,8 @@ def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Ten
     T = 1 + (H // patch) * (W // patch): the class token first, then the patches row by row.
     """
     tensors = _Weights(tensors, dtype)
-    vision = arch["vision"]
-    width, patch, heads = vision["hidden_size"], vision["patch_size"], vision["num_attention_heads"]
+    vision = arch.vision
+    width, patch, heads = vision.hidden_size, vision.patch_size, vision.num_attention_heads
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"reference: pixel_values must be [B, 3, H, W], found {list(pixel_values.shape)}")
     conv = _tensor(tensors, "visual.conv1.weight", (width, 3, patch, patch))
@@ -185,27 +165,27 @@ def encode_image(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Ten
     cls = _tensor(tensors, "visual.class_embedding", (width,)).expand(x.shape[0], 1, width)
     x = torch.cat([cls, x], dim=1) + _positional_embedding(tensors, arch, grid)
     out = {"vision.embeddings": x}
-    ln_pre = _group(tensors, "visual.ln_pre.", {"weight": (width,), "bias": (width,)})
+    ln_pre = _group(tensors, "visual.ln_pre.", norm_shapes("", width))
     x = out["vision.pre_norm"] = _layer_norm(x, ln_pre["weight"], ln_pre["bias"])
-    shapes = _clip_block_shapes(width, vision["intermediate_size"])
-    for k in range(vision["num_hidden_layers"]):
+    shapes = clip_block_shapes(width, vision.intermediate_size)
+    for k in range(vision.num_hidden_layers):
         p = _group(tensors, f"visual.transformer.resblocks.{k}.", shapes)
         x = _run_block(out, f"vision.block{k}", _clip_block, x, p, heads, False)
         del p  # this block's float64 weights are freed before the next block's are cast
-    ln_post = _group(tensors, "visual.ln_post.", {"weight": (width,), "bias": (width,)})
-    proj = _tensor(tensors, "visual.proj", (width, arch["projection_dim"]))
+    ln_post = _group(tensors, "visual.ln_post.", norm_shapes("", width))
+    proj = _tensor(tensors, "visual.proj", (width, arch.projection_dim))
     out["vision.post_norm"] = _layer_norm(x[:, 0], ln_post["weight"], ln_post["bias"])
     out["pooled_output"] = out["vision.post_norm"] @ proj
     return out
 
 
-def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor,
+def encode_text(tensors: Mapping[str, Tensor], arch: Architecture, input_ids: Tensor,
                 dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Token ids [P, L] -> {"text.embeddings", "text.block{k}[.part]", "text.final_norm": [P, L, Wt],
     "text.pooled": [P, Wt], "conditional_embeddings": [P, proj]}."""
     tensors = _Weights(tensors, dtype)
-    text = arch["text"]
-    width, vocab, context = text["hidden_size"], text["vocab_size"], text["max_position_embeddings"]
+    text = arch.text
+    width, vocab, context = text.hidden_size, text.vocab_size, text.max_position_embeddings
     if input_ids.ndim != 2 or input_ids.shape[1] > context:
         raise ValueError(f"reference: input_ids must be [P, L] with L <= {context}, found {list(input_ids.shape)}")
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
@@ -215,40 +195,33 @@ def encode_text(tensors: Mapping[str, Tensor], arch: Mapping, input_ids: Tensor,
     # Only the prompts' rows are cast (a lookup is exact in any dtype): the whole table would be 200 MB in float64.
     x = F.embedding(ids, _tensor(tensors, "token_embedding.weight", (vocab, width), cast=False)).to(dtype)
     x = x + _tensor(tensors, "positional_embedding", (context, width))[: ids.shape[1]]
-    out, heads = {"text.embeddings": x}, text["num_attention_heads"]
-    shapes = _clip_block_shapes(width, text["intermediate_size"])
-    for k in range(text["num_hidden_layers"]):
+    out, heads = {"text.embeddings": x}, text.num_attention_heads
+    shapes = clip_block_shapes(width, text.intermediate_size)
+    for k in range(text.num_hidden_layers):
         p = _group(tensors, f"transformer.resblocks.{k}.", shapes)
         x = _run_block(out, f"text.block{k}", _clip_block, x, p, heads, True)
         del p
-    ln_final = _group(tensors, "ln_final.", {"weight": (width,), "bias": (width,)})
+    ln_final = _group(tensors, "ln_final.", norm_shapes("", width))
     x = out["text.final_norm"] = _layer_norm(x, ln_final["weight"], ln_final["bias"])
     # CLIP's end token has the largest id in its vocabulary, so the argmax finds it in every prompt.
     out["text.pooled"] = x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)]
     out["conditional_embeddings"] = out["text.pooled"] @ _tensor(tensors, "text_projection",
-                                                                 (width, arch["projection_dim"]))
+                                                                 (width, arch.projection_dim))
     return out
 
 
-def _trans_conv(tensors: _Weights, arch: Mapping, a: Tensor,
+def _trans_conv(tensors: _Weights, arch: Architecture, a: Tensor,
                 parts: dict[str, Tensor] | None = None) -> Tensor:
     """Decoder upsampling: [P, D, g, g] -> [P, 1, g*patch, g*patch].
 
     For the refined variant, `parts` (when given) receives the outputs of its first two layers before
     their ReLU, named after their original keys: trans_conv0, trans_conv2.
     """
-    d, patch = arch["reduce_dim"], arch["vision"]["patch_size"]
-    if not arch["use_complex_transposed_convolution"]:
-        p = _group(tensors, "trans_conv.", {"weight": (d, 1, patch, patch), "bias": (1,)})
-        return F.conv_transpose2d(a, p["weight"], p["bias"], stride=patch)
-    # Refined variant: nn.Sequential(Conv2d 3x3, ReLU, ConvTranspose2d, ReLU, ConvTranspose2d). The original
-    # gives each transposed convolution kernel = stride = patch // 4, which restores full size for patch 16.
-    k = patch // 4
-    p = _group(tensors, "trans_conv.", {
-        "0.weight": (d, d, 3, 3),       "0.bias": (d,),
-        "2.weight": (d, d // 2, k, k),  "2.bias": (d // 2,),
-        "4.weight": (d // 2, 1, k, k),  "4.bias": (1,),
-    })
+    p = _group(tensors, "trans_conv.", arch.trans_conv_shapes())
+    if not arch.use_complex_transposed_convolution:
+        return F.conv_transpose2d(a, p["weight"], p["bias"], stride=arch.vision.patch_size)
+    # Refined variant: nn.Sequential(Conv2d 3x3, ReLU, ConvTranspose2d, ReLU, ConvTranspose2d).
+    k = arch.refined_kernel
     conv0 = F.conv2d(a, p["0.weight"], p["0.bias"], padding=1)
     conv2 = F.conv_transpose2d(F.relu(conv0), p["2.weight"], p["2.bias"], stride=k)
     if parts is not None:
@@ -256,7 +229,7 @@ def _trans_conv(tensors: _Weights, arch: Mapping, a: Tensor,
     return F.conv_transpose2d(F.relu(conv2), p["4.weight"], p["4.bias"], stride=k)
 
 
-def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[Tensor],
+def decode(tensors: Mapping[str, Tensor], arch: Architecture, activations: Sequence[Tensor],
            conditional_embeddings: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Vision activations at extract_layers [B, T, W] + conditions [P, proj] -> {"decoder.step{i}[.part]" [P, T, D],
     "decoder.step{c}.film_mul/film_add" [P, D] (c = conditional_layer), "logits[.part]"}.
@@ -266,32 +239,32 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     conditional layer, then its block's attention, norm1, mlp, norm2.
     """
     tensors = _Weights(tensors, dtype)
-    d, steps = arch["reduce_dim"], len(arch["extract_layers"])
-    width, proj = arch["vision"]["hidden_size"], arch["projection_dim"]
+    d, steps = arch.reduce_dim, len(arch.extract_layers)
+    width, proj = arch.vision.hidden_size, arch.projection_dim
     prompts = conditional_embeddings.shape[0]
     if len(activations) != steps:
         raise ValueError(f"reference: decode needs {steps} activations (one per extract layer "
-                         f"{list(arch['extract_layers'])}), found {len(activations)}")
+                         f"{list(arch.extract_layers)}), found {len(activations)}")
     if any(act.shape[0] not in (1, prompts) for act in activations):
         raise ValueError(f"reference: activation batch sizes {[act.shape[0] for act in activations]} "
                          f"must equal the number of prompts ({prompts}) or be 1")
     cond = conditional_embeddings.to(dtype)
-    film_mul = _group(tensors, "film_mul.", {"weight": (d, proj), "bias": (d,)})
-    film_add = _group(tensors, "film_add.", {"weight": (d, proj), "bias": (d,)})
-    block_shapes = _decoder_block_shapes(d, arch["decoder_intermediate_size"])
+    film_mul = _group(tensors, "film_mul.", linear_shapes("", d, proj))
+    film_add = _group(tensors, "film_add.", linear_shapes("", d, proj))
+    block_shapes = decoder_block_shapes(d, arch.decoder_intermediate_size)
     out, a = {}, None
     # The deepest activation enters first; a batch of 1 broadcasts against the P conditions at FiLM.
     for i, act in enumerate(reversed(activations)):
-        reduce = _group(tensors, f"reduces.{i}.", {"weight": (d, width), "bias": (d,)})
+        reduce = _group(tensors, f"reduces.{i}.", linear_shapes("", d, width))
         reduced = F.linear(act.to(dtype), reduce["weight"], reduce["bias"])
         out[f"decoder.step{i}.reduce"] = reduced.expand(prompts, -1, -1)
         a = reduced if a is None else reduced + a
-        if i == arch["conditional_layer"]:
+        if i == arch.conditional_layer:
             mul = out[f"decoder.step{i}.film_mul"] = F.linear(cond, film_mul["weight"], film_mul["bias"])
             add = out[f"decoder.step{i}.film_add"] = F.linear(cond, film_add["weight"], film_add["bias"])
             a = mul.unsqueeze(1) * a + add.unsqueeze(1)
         p = _group(tensors, f"blocks.{i}.", block_shapes)
-        a = _run_block(out, f"decoder.step{i}", _decoder_block, a, p, arch["decoder_num_attention_heads"])
+        a = _run_block(out, f"decoder.step{i}", _decoder_block, a, p, arch.decoder_num_attention_heads)
     out |= {name: t.expand(prompts, *t.shape[1:]) for name, t in out.items() if name.startswith("decoder.step")}
     a = out[f"decoder.step{steps - 1}"]
     side = math.isqrt(a.shape[1] - 1)
@@ -306,21 +279,21 @@ def decode(tensors: Mapping[str, Tensor], arch: Mapping, activations: Sequence[T
     return out
 
 
-def reference_forward(tensors: Mapping[str, Tensor], arch: Mapping, pixel_values: Tensor,
+def reference_forward(tensors: Mapping[str, Tensor], arch: Architecture, pixel_values: Tensor,
                       input_ids: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """One image [1, 3, H, W] + P prompts [P, L] -> the union of encode_image, encode_text and decode, computed in
     `dtype` (float64 makes the reference's last float32 bits the same on every CPU, see verify-outputs)."""
     return forward_from_vision(tensors, arch, encode_image(tensors, arch, pixel_values, dtype), input_ids, dtype)
 
 
-def forward_from_vision(tensors: Mapping[str, Tensor], arch: Mapping, vision: Mapping[str, Tensor],
+def forward_from_vision(tensors: Mapping[str, Tensor], arch: Architecture, vision: Mapping[str, Tensor],
                         input_ids: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """reference_forward's rest, from encode_image's entries `vision` (computed elsewhere, in `dtype`): the union of
     those, encode_text and decode."""
-    layers = arch["vision"]["num_hidden_layers"]
-    if any(not 0 <= k < layers for k in arch["extract_layers"]):
-        raise ValueError(f"reference: extract_layers {list(arch['extract_layers'])} "
+    layers = arch.vision.num_hidden_layers
+    if any(not 0 <= k < layers for k in arch.extract_layers):
+        raise ValueError(f"reference: extract_layers {list(arch.extract_layers)} "
                          f"must be block indices in [0, {layers})")
     text = encode_text(tensors, arch, input_ids, dtype)
-    activations = [vision[f"vision.block{k}"] for k in arch["extract_layers"]]
+    activations = [vision[f"vision.block{k}"] for k in arch.extract_layers]
     return {**vision, **text, **decode(tensors, arch, activations, text["conditional_embeddings"], dtype)}

@@ -1,6 +1,6 @@
 """publish: an export folder -> a model repository on the Hugging Face Hub, uploaded in one commit.
 
-    python -m stages.publish --variant clipseg-rd64 --repo-id ORG/NAME [--private] [--create-pr] [--dry-run]
+    python -m tools.publish --variant clipseg-rd64 --repo-id ORG/NAME [--private] [--create-pr] [--dry-run]
 
 Not a DVC stage: it changes the world outside the repository, so it runs only when asked. The folder (default
 outputs/<variant>/hf, or --folder) is first re-checked against its manifest.json: every file listed with its size and
@@ -18,9 +18,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PipelineError, exit_now, run_stage
-from .hf_layout import WEIGHTS_FILE
-from .tensor_io import sha256_file
+from clipseg_pipeline.errors import PipelineError
+from clipseg_pipeline.runner import exit_now, run_stage
+from clipseg_pipeline.hf_layout import WEIGHTS_FILE
+from clipseg_pipeline.tensor_io import sha256_file
 
 STAGE = "publish"
 MANIFEST = "manifest.json"
@@ -44,22 +45,33 @@ def default_folder(variant: str) -> Path:
     return Path("outputs") / variant / "hf"
 
 
-def read_manifest(folder: Path) -> list[FileEntry]:
+def read_manifest(folder: Path) -> tuple[list[FileEntry], bool]:
+    """The files the manifest lists, and whether it says the weights are synthetic."""
     path = folder / MANIFEST
     try:
-        files = json.loads(path.read_text(encoding="utf-8"))["files"]
-        return [FileEntry(name, int(f["bytes"]), str(f["sha256"])) for name, f in sorted(files.items())]
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files, synthetic = manifest["files"], manifest["synthetic"]
+        if not isinstance(synthetic, bool):
+            raise TypeError(f"synthetic is {synthetic!r}, not true or false")
+        return [FileEntry(name, int(f["bytes"]), str(f["sha256"])) for name, f in sorted(files.items())], synthetic
     except FileNotFoundError as exc:
         raise PublishError(f"{path}: no manifest; this is not an export folder, run the export stage to make one") from exc
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PublishError(f"{path}: not a readable export manifest ({exc!r}); export the folder again") from exc
 
 
-def check_folder(folder: Path) -> list[FileEntry]:
-    """The files to upload (the manifest's entries, then manifest.json itself), once the folder matches its manifest."""
+def check_folder(folder: Path, allow_synthetic: bool = False) -> list[FileEntry]:
+    """The files to upload (the manifest's entries, then manifest.json itself), once the folder matches its manifest
+    and, when its weights are synthetic, only if that was allowed."""
     if not folder.is_dir():
         raise PublishError(f"{folder}: no such export folder; run `dvc repro` to export the variant, or pass --folder")
-    listed = read_manifest(folder)
+    listed, synthetic = read_manifest(folder)
+    if synthetic and not allow_synthetic:
+        raise PublishError(
+            f"{folder} holds a synthetic model (made by this project's generator to test the conversion, not CLIPSeg's "
+            "weights: it segments nothing). Publish a converted published variant, or pass --allow-synthetic if you "
+            "mean to upload this one (to try publishing, say)"
+        )
     names = {entry.name for entry in listed}
     missing_required = [name for name in REQUIRED_FILES if name not in names or not (folder / name).is_file()]
     if missing_required:
@@ -114,7 +126,7 @@ def commit_text(folder: Path, entries: list[FileEntry], revision: str | None) ->
     The git commit goes here rather than into the model card: the export must be byte-identical in every clone, and
     the commit that records an export cannot name itself.
     """
-    from .model_card import PROJECT, project_version
+    from clipseg_pipeline.model_card import PROJECT, project_version
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     weights = next(e for e in entries if e.name == WEIGHTS_FILE)
@@ -154,13 +166,15 @@ def upload(api, repo_id: str, folder: Path, entries: list[FileEntry], *, private
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.publish", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.publish", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", help="the variant whose export to publish (folder outputs/<variant>/hf)")
     parser.add_argument("--folder", type=Path, help="an export folder to publish instead of the variant's")
     parser.add_argument("--repo-id", required=True, help="the Hub repository, ORG/NAME (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps its visibility)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     parser.add_argument("--dry-run", action="store_true", help="check the folder and print what would be uploaded; no network")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="publish a synthetic model (such as clipseg-tiny) too; refused without this")
     args = parser.parse_args(argv)
     if not args.variant and not args.folder:
         parser.error("pass --variant (to publish outputs/<variant>/hf) or --folder")
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         except HFValidationError as exc:
             raise PublishError(f"--repo-id {args.repo_id!r} is not a Hub repository id ({exc}); write ORG/NAME") from exc
         folder = args.folder or default_folder(args.variant)
-        entries = check_folder(folder)
+        entries = check_folder(folder, args.allow_synthetic)
         print(plan(args.repo_id, folder, entries, args.private, args.create_pr, args.dry_run))
         if args.dry_run:
             return

@@ -1,4 +1,4 @@
-"""errors.run_stage: what every stage's process does around its body."""
+"""runner.run_stage: what every stage's process does around its body."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAPPED_BYTES = """
 import ctypes, sys
 import numpy as np
-from stages.errors import run_stage
+from clipseg_pipeline.runner import run_stage
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]

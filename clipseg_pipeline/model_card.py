@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .architecture import Architecture
 from .errors import PipelineError
 
 PROJECT = "clipseg-pipeline"
@@ -50,7 +51,7 @@ class SourceRow:
 class CardInputs:
     variant: str
     dtype: str
-    architecture: Mapping
+    architecture: Architecture
     image_size: int
     image_mean: Sequence[float]
     image_std: Sequence[float]
@@ -61,6 +62,7 @@ class CardInputs:
     export_outputs: Mapping[str, Mapping]  # the exported folder vs the reference, per output, as export's report records it
     transformers_version: str
     project_version: str
+    synthetic: bool = False  # made by this project's generator: the card says so and names no third-party licence
 
 
 TEMPLATE = """---
@@ -70,9 +72,18 @@ TEMPLATE = """---
 # {{ variant }}: CLIPSeg for `transformers`
 
 [CLIPSeg]({{ project_url }}) (Lüddecke and Ecker, [*Image Segmentation Using Text and Image Prompts*]({{ paper_url }}),
-CVPR 2022) segments an image by text prompts: one probability map per prompt. This repository holds the original
-checkpoints listed under *Sources* converted to `CLIPSegForImageSegmentation` with its processor, stored in
-**{{ dtype }}**.
+CVPR 2022) segments an image by text prompts: one probability map per prompt.
+{%- if synthetic %}
+
+**This is a synthetic model, not CLIPSeg's weights.** Its source files, listed under *Sources*, were made by
+{{ project }}'s generator in exactly the published file formats, to test the conversion; it does not segment real
+images. Do not publish or use it as a segmentation model.
+
+It is converted to `CLIPSegForImageSegmentation` with its processor, stored in **{{ dtype }}**.
+{%- else %}
+This repository holds the original checkpoints listed under *Sources* converted to `CLIPSegForImageSegmentation` with
+its processor, stored in **{{ dtype }}**.
+{%- endif %}
 It was made by {{ project }} {{ project_version }} with transformers {{ transformers_version }}; it needs
 transformers 4.46.1 or later (4.46.0 breaks 352-pixel inputs).
 
@@ -151,12 +162,15 @@ Values published with the original conversion, recomputed with their preprocessi
 No published check values exist for this variant.
 {% endif %}
 ## License
-
+{% if synthetic %}
+The weights are synthetic, made by {{ project }}, whose code and outputs are MIT-licensed; they contain no third-party
+weights.
+{% else %}
 The weights come from the sources listed above. For the published CLIPSeg variants these are OpenAI's CLIP ViT-B/16
 weights, released under the MIT license (https://github.com/openai/CLIP), and the CLIPSeg authors' decoder weights:
 their code is MIT-licensed, but they state that **the MIT license does not apply to the weights** and give no other
 license (see [their README]({{ license_link }})). Check both terms before you use or redistribute this model.
-
+{% endif %}
 ## Citation
 
 ```bibtex
@@ -198,19 +212,19 @@ def source_rows(sources: Mapping, download_report: Mapping) -> list[SourceRow]:
     ]
 
 
-def settings(arch: Mapping) -> list[tuple[str, str]]:
-    vision, text = arch["vision"], arch["text"]
-    decoder = "refined (conv 3x3 + two transposed convs)" if arch["use_complex_transposed_convolution"] else "one transposed conv"
+def settings(arch: Architecture) -> list[tuple[str, str]]:
+    vision, text = arch.vision, arch.text
+    decoder = "refined (conv 3x3 + two transposed convs)" if arch.use_complex_transposed_convolution else "one transposed conv"
     return [
-        ("vision", f"ViT, {vision['num_hidden_layers']} layers, width {vision['hidden_size']}, "
-                   f"{vision['num_attention_heads']} heads, patch {vision['patch_size']}, trained at {vision['image_size']} px"),
-        ("text", f"{text['num_hidden_layers']} layers, width {text['hidden_size']}, {text['num_attention_heads']} heads, "
-                 f"vocabulary {text['vocab_size']}, context {text['max_position_embeddings']}"),
-        ("projection_dim", str(arch["projection_dim"])),
-        ("extract_layers", str(list(arch["extract_layers"]))),
-        ("reduce_dim", str(arch["reduce_dim"])),
-        ("decoder layers", f"{len(arch['extract_layers'])} blocks, {arch['decoder_num_attention_heads']} heads, "
-                    f"feed-forward {arch['decoder_intermediate_size']}, conditional layer {arch['conditional_layer']}"),
+        ("vision", f"ViT, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+                   f"{vision.num_attention_heads} heads, patch {vision.patch_size}, trained at {vision.image_size} px"),
+        ("text", f"{text.num_hidden_layers} layers, width {text.hidden_size}, {text.num_attention_heads} heads, "
+                 f"vocabulary {text.vocab_size}, context {text.max_position_embeddings}"),
+        ("projection_dim", str(arch.projection_dim)),
+        ("extract_layers", str(list(arch.extract_layers))),
+        ("reduce_dim", str(arch.reduce_dim)),
+        ("decoder layers", f"{len(arch.extract_layers)} blocks, {arch.decoder_num_attention_heads} heads, "
+                    f"feed-forward {arch.decoder_intermediate_size}, conditional layer {arch.conditional_layer}"),
         ("upsampling", decoder),
     ]
 
@@ -233,12 +247,17 @@ def render(card: CardInputs) -> str:
         raise ModelCardError(f"the verify report lacks the output(s) {missing}; rerun the verify-outputs stage")
     if not card.verify.get("reference_dtype"):
         raise ModelCardError("the verify report lacks reference_dtype (the reference's precision); rerun the verify-outputs stage")
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-segmentation", tags=TAGS, **LICENSE)
+    # No pipeline_tag: no transformers pipeline runs CLIPSeg (pipeline("image-segmentation") fails on it), so the card
+    # claims none, and turns off the Hub's inference widget, which would call one; the usage snippet shows the way.
+    license = {"license": "mit"} if card.synthetic else LICENSE
+    tags = [*TAGS, "synthetic"] if card.synthetic else TAGS
+    data = ModelCardData(library_name="transformers", tags=tags, inference=False, **license)
     published = card.verify.get("published_check") or {}
     model_card = ModelCard.from_template(
         data,
         template_str=TEMPLATE,
         variant=card.variant,
+        synthetic=card.synthetic,
         dtype=card.dtype,
         project=PROJECT,
         project_version=card.project_version,

@@ -20,7 +20,6 @@ import mmap
 import os
 import shutil
 import struct
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from .errors import PipelineError
 # How many bytes of written tensors may wait to be hashed (write_safetensors with sha256): more than the largest tensor
 # of a published model (the 101 MB token embedding in float32), so that its hash overlaps the writing of the next ones.
 HASH_BACKLOG_BYTES = 160 << 20
-# FileHash's reads.
-HASH_CHUNK_BYTES = 64 << 20
 # The largest safetensors header we accept (the format itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 # safetensors' dtype names, keyed by the dtype's own name (torch.float32 and numpy's float32 are both "float32"); a
@@ -399,41 +396,6 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         while count := handle.readinto(buffer):
             digest.update(buffer[:count])
     return digest.hexdigest()
-
-
-def _identity(path: Path) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class FileHash:
-    """A file's sha256, taken on a second thread from the moment this is made: while a stage imports its libraries
-    (interpreter work on one core) the other core hashes. `of(path)` gives it for `path` if that is the very file that
-    was hashed (the same inode, size and modification time before, during and after, as a hard link has), else None:
-    the file was replaced or changed meanwhile, and must be hashed again."""
-
-    def __init__(self, path: Path):
-        self._identity = _identity(path)
-        self._digest: str | None = None
-        self._thread = threading.Thread(target=self._run, args=(Path(path),), name="sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self, path: Path) -> None:
-        try:
-            # Big reads: between two, this thread needs the interpreter, which an importing main thread lets go of only
-            # every few milliseconds (sys.getswitchinterval); 1 MB reads made a 600 MB hash take 1.3 s instead of 0.4 s.
-            digest = sha256_file(path, HASH_CHUNK_BYTES)
-        except OSError:
-            return
-        if _identity(path) == self._identity:
-            self._digest = digest
-
-    def of(self, path: Path) -> str | None:
-        self._thread.join()
-        return self._digest if self._identity is not None and _identity(path) == self._identity else None
 
 
 def round_figure(value: float, digits: int = 3) -> float:

@@ -1,12 +1,12 @@
 """Synthetic CLIPSeg sources: architecture + seed -> files in the published formats, random weights.
 
-Writes what the download stage would fetch for a real variant (see shared/ORIGINAL_FORMAT.md):
+Writes what the download stage would fetch for a real variant (docs/original-format.md):
 an OpenAI CLIP TorchScript archive with mixed fp16/fp32 weights, a zip holding a decoder state dict
 saved with `torch.save`, a CLIP-style byte-level BPE tokenizer (Hugging Face `vocab.json` +
 `merges.txt` and OpenAI's `bpe_simple_vocab_16e6.txt.gz`) and a JPEG. The same seed gives the same
 bytes. Serves the `clipseg-tiny` variant, test fixtures and the full-size benchmark.
 
-    python -m stages.synthetic --out data/synthetic/clipseg-tiny --preset tiny --seed 0
+    python -m tools.synthetic --out data/synthetic/clipseg-tiny --preset tiny --seed 0
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
+
+from clipseg_pipeline.architecture import Architecture, linear_shapes
+from clipseg_pipeline.schema import SchemaError
+
+Shapes = dict[str, tuple[int, ...]]
 
 # File names inside a variant's source folder; the keys are what `write_sources` returns.
 SOURCE_NAMES = {
@@ -79,7 +84,7 @@ SCALAR_KEYS = ("input_resolution", "context_length", "vocab_size")
 # The decoder draws from its own stream so that its first tensor does not repeat CLIP's first values.
 DECODER_SEED_OFFSET = 1_000_003
 # Python module name the TorchScript classes claim: fixed so the archive does not depend on whether
-# this file runs as `__main__` or as `stages.synthetic`.
+# this file runs as `__main__` or as `tools.synthetic`.
 TORCHSCRIPT_NAMESPACE = "clip_synthetic"
 # 1980-01-01 is the earliest time a zip can hold; a fixed time keeps the bytes reproducible.
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -121,130 +126,109 @@ TOKEN_EMBEDDING_STD = 0.02
 POSITION_STD = 0.01
 
 
-def _weight(key: str, shape: tuple[int, ...], fan_in: int, half: bool) -> TensorSpec:
-    return TensorSpec(key, shape, fan_in ** -0.5, half=half)
+def architecture(arch: dict) -> Architecture:
+    """The params-form `arch` validated; the shapes of every tensor come from it."""
+    try:
+        return Architecture.from_mapping(arch)
+    except SchemaError as exc:
+        raise ValueError(f"invalid architecture: {exc}") from exc
 
 
-def _bias(key: str, width: int, half: bool) -> TensorSpec:
-    return TensorSpec(key, (width,), BIAS_STD, half=half)
+def _weight(shapes: Shapes, key: str, half: bool, fan_in: int | None = None) -> TensorSpec:
+    """A weight scaled to keep activations near unit variance; `fan_in` defaults to an nn.Linear's input width."""
+    shape = shapes[key]
+    return TensorSpec(key, shape, (fan_in or shape[1]) ** -0.5, half=half)
 
 
-def _linear(prefix: str, out_dim: int, in_dim: int, half: bool) -> list[TensorSpec]:
-    return [_weight(f"{prefix}.weight", (out_dim, in_dim), in_dim, half),
-            _bias(f"{prefix}.bias", out_dim, half)]
+def _bias(shapes: Shapes, key: str, half: bool) -> TensorSpec:
+    return TensorSpec(key, shapes[key], BIAS_STD, half=half)
 
 
-def _layer_norm(prefix: str, width: int) -> list[TensorSpec]:
+def _linear(shapes: Shapes, prefix: str, half: bool) -> list[TensorSpec]:
+    return [_weight(shapes, f"{prefix}.weight", half), _bias(shapes, f"{prefix}.bias", half)]
+
+
+def _layer_norm(shapes: Shapes, prefix: str) -> list[TensorSpec]:
     # OpenAI's convert_weights leaves LayerNorms in fp32.
-    return [TensorSpec(f"{prefix}.weight", (width,), NORM_STD, mean=1.0),
-            TensorSpec(f"{prefix}.bias", (width,), NORM_STD)]
+    return [TensorSpec(f"{prefix}.weight", shapes[f"{prefix}.weight"], NORM_STD, mean=1.0),
+            TensorSpec(f"{prefix}.bias", shapes[f"{prefix}.bias"], NORM_STD)]
 
 
-def _attention(prefix: str, width: int, half: bool) -> list[TensorSpec]:
+def _attention(shapes: Shapes, prefix: str, half: bool) -> list[TensorSpec]:
     # nn.MultiheadAttention with q, k, v stacked in one in_proj.
-    return [_weight(f"{prefix}.in_proj_weight", (3 * width, width), width, half),
-            _bias(f"{prefix}.in_proj_bias", 3 * width, half),
-            *_linear(f"{prefix}.out_proj", width, width, half)]
+    return [_weight(shapes, f"{prefix}.in_proj_weight", half), _bias(shapes, f"{prefix}.in_proj_bias", half),
+            *_linear(shapes, f"{prefix}.out_proj", half)]
 
 
-def _clip_tower(prefix: str, width: int, mlp: int, layers: int) -> list[TensorSpec]:
+def _clip_tower(shapes: Shapes, prefix: str, layers: int) -> list[TensorSpec]:
     # OpenAI's Transformer: pre-LN ResidualAttentionBlocks in registration order.
     specs = []
     for i in range(layers):
         block = f"{prefix}resblocks.{i}"
-        specs += [*_attention(f"{block}.attn", width, half=True),
-                  *_layer_norm(f"{block}.ln_1", width),
-                  *_linear(f"{block}.mlp.c_fc", mlp, width, half=True),
-                  *_linear(f"{block}.mlp.c_proj", width, mlp, half=True),
-                  *_layer_norm(f"{block}.ln_2", width)]
+        specs += [*_attention(shapes, f"{block}.attn", half=True),
+                  *_layer_norm(shapes, f"{block}.ln_1"),
+                  *_linear(shapes, f"{block}.mlp.c_fc", half=True),
+                  *_linear(shapes, f"{block}.mlp.c_proj", half=True),
+                  *_layer_norm(shapes, f"{block}.ln_2")]
     return specs
 
 
 def clip_specs(arch: dict) -> list[TensorSpec]:
     """OpenAI CLIP's parameters in `state_dict()` order: a module's own parameters, then children."""
-    vision, text = arch["vision"], arch["text"]
-    width, patch, proj = vision["hidden_size"], vision["patch_size"], arch["projection_dim"]
-    text_width = text["hidden_size"]
-    grid = vision["image_size"] // patch
+    a = architecture(arch)
+    shapes = a.clip_shapes()
+    width, text_width, patch = a.vision.hidden_size, a.text.hidden_size, a.vision.patch_size
     return [
-        TensorSpec("positional_embedding", (text["max_position_embeddings"], text_width), POSITION_STD),
-        _weight("text_projection", (text_width, proj), text_width, half=True),
+        TensorSpec("positional_embedding", shapes["positional_embedding"], POSITION_STD),
+        _weight(shapes, "text_projection", half=True, fan_in=text_width),  # used as x @ P
         TensorSpec("logit_scale", (), 0.0, mean=math.log(100.0)),  # trained CLIP sits at the clamp, 100
-        TensorSpec("visual.class_embedding", (width,), width ** -0.5),
-        TensorSpec("visual.positional_embedding", (grid * grid + 1, width), width ** -0.5),
-        _weight("visual.proj", (width, proj), width, half=True),
-        _weight("visual.conv1.weight", (width, 3, patch, patch), 3 * patch * patch, half=True),
-        *_layer_norm("visual.ln_pre", width),
-        *_clip_tower("visual.transformer.", width, vision["intermediate_size"],
-                     vision["num_hidden_layers"]),
-        *_layer_norm("visual.ln_post", width),
-        *_clip_tower("transformer.", text_width, text["intermediate_size"], text["num_hidden_layers"]),
-        TensorSpec("token_embedding.weight", (text["vocab_size"], text_width), TOKEN_EMBEDDING_STD),
-        *_layer_norm("ln_final", text_width),
+        TensorSpec("visual.class_embedding", shapes["visual.class_embedding"], width ** -0.5),
+        TensorSpec("visual.positional_embedding", shapes["visual.positional_embedding"], width ** -0.5),
+        _weight(shapes, "visual.proj", half=True, fan_in=width),
+        _weight(shapes, "visual.conv1.weight", half=True, fan_in=3 * patch * patch),
+        *_layer_norm(shapes, "visual.ln_pre"),
+        *_clip_tower(shapes, "visual.transformer.", a.vision.num_hidden_layers),
+        *_layer_norm(shapes, "visual.ln_post"),
+        *_clip_tower(shapes, "transformer.", a.text.num_hidden_layers),
+        TensorSpec("token_embedding.weight", shapes["token_embedding.weight"], TOKEN_EMBEDDING_STD),
+        *_layer_norm(shapes, "ln_final"),
     ]
 
 
-def _trans_conv(arch: dict) -> list[TensorSpec]:
+def _trans_conv(a: Architecture, shapes: Shapes) -> list[TensorSpec]:
     # ConvTranspose2d weights are [in, out, k, k]; with stride == kernel each output pixel sees
     # `in` inputs, so fan_in is the input channel count.
-    dim, patch = arch["reduce_dim"], arch["vision"]["patch_size"]
-    if not arch["use_complex_transposed_convolution"]:
-        return [_weight("trans_conv.weight", (dim, 1, patch, patch), dim, half=False),
-                _bias("trans_conv.bias", 1, half=False)]
-    k = patch // 4
-    return [_weight("trans_conv.0.weight", (dim, dim, 3, 3), dim * 9, half=False),
-            _bias("trans_conv.0.bias", dim, half=False),
-            _weight("trans_conv.2.weight", (dim, dim // 2, k, k), dim, half=False),
-            _bias("trans_conv.2.bias", dim // 2, half=False),
-            _weight("trans_conv.4.weight", (dim // 2, 1, k, k), dim // 2, half=False),
-            _bias("trans_conv.4.bias", 1, half=False)]
+    if not a.use_complex_transposed_convolution:
+        return [_weight(shapes, "trans_conv.weight", half=False, fan_in=a.reduce_dim),
+                _bias(shapes, "trans_conv.bias", half=False)]
+    return [_weight(shapes, "trans_conv.0.weight", half=False, fan_in=a.reduce_dim * 9),
+            _bias(shapes, "trans_conv.0.bias", half=False),
+            _weight(shapes, "trans_conv.2.weight", half=False, fan_in=a.reduce_dim),
+            _bias(shapes, "trans_conv.2.bias", half=False),
+            _weight(shapes, "trans_conv.4.weight", half=False, fan_in=a.reduce_dim // 2),
+            _bias(shapes, "trans_conv.4.bias", half=False)]
 
 
 def decoder_specs(arch: dict, include_reduce: bool = False) -> list[TensorSpec]:
     """CLIPDensePredT's own parameters in the original registration order, all fp32."""
-    dim, proj = arch["reduce_dim"], arch["projection_dim"]
-    width, mlp = arch["vision"]["hidden_size"], arch["decoder_intermediate_size"]
-    depth = len(arch["extract_layers"])
-    specs = [*_linear("film_mul", dim, proj, half=False), *_linear("film_add", dim, proj, half=False)]
-    if include_reduce:  # defined by the original model but never used by its forward pass
-        specs += _linear("reduce", dim, width, half=False)
-    specs += _trans_conv(arch)
+    a = architecture(arch)
+    # `reduce` is defined by the original model but never used by its forward pass: not among the decoder's shapes.
+    shapes = a.decoder_shapes() | linear_shapes("reduce.", a.reduce_dim, a.vision.hidden_size)
+    specs = [*_linear(shapes, "film_mul", half=False), *_linear(shapes, "film_add", half=False)]
+    if include_reduce:
+        specs += _linear(shapes, "reduce", half=False)
+    specs += _trans_conv(a, shapes)
+    depth = len(a.extract_layers)
     for i in range(depth):
-        specs += _linear(f"reduces.{i}", dim, width, half=False)
+        specs += _linear(shapes, f"reduces.{i}", half=False)
     for i in range(depth):  # nn.TransformerEncoderLayer
         block = f"blocks.{i}"
-        specs += [*_attention(f"{block}.self_attn", dim, half=False),
-                  *_linear(f"{block}.linear1", mlp, dim, half=False),
-                  *_linear(f"{block}.linear2", dim, mlp, half=False),
-                  *_layer_norm(f"{block}.norm1", dim),
-                  *_layer_norm(f"{block}.norm2", dim)]
+        specs += [*_attention(shapes, f"{block}.self_attn", half=False),
+                  *_linear(shapes, f"{block}.linear1", half=False),
+                  *_linear(shapes, f"{block}.linear2", half=False),
+                  *_layer_norm(shapes, f"{block}.norm1"),
+                  *_layer_norm(shapes, f"{block}.norm2")]
     return specs
-
-
-def check_arch(arch: dict) -> None:
-    """Refuse an architecture whose shapes cannot fit together, naming the numbers."""
-    vision, text = arch["vision"], arch["text"]
-    problems = []
-    if vision["image_size"] % vision["patch_size"]:
-        problems.append(f"vision image_size {vision['image_size']} is not a multiple of "
-                        f"patch_size {vision['patch_size']}")
-    for side, cfg in (("vision", vision), ("text", text)):
-        if cfg["hidden_size"] % cfg["num_attention_heads"]:
-            problems.append(f"{side} hidden_size {cfg['hidden_size']} is not divisible by "
-                            f"num_attention_heads {cfg['num_attention_heads']}")
-    if arch["reduce_dim"] % arch["decoder_num_attention_heads"]:
-        problems.append(f"reduce_dim {arch['reduce_dim']} is not divisible by "
-                        f"decoder_num_attention_heads {arch['decoder_num_attention_heads']}")
-    if arch["use_complex_transposed_convolution"] and (vision["patch_size"] % 4 or arch["reduce_dim"] % 2):
-        problems.append(f"the refined decoder needs patch_size % 4 == 0 and an even reduce_dim, got "
-                        f"{vision['patch_size']} and {arch['reduce_dim']}")
-    if max(arch["extract_layers"]) >= vision["num_hidden_layers"]:
-        problems.append(f"extract_layers {arch['extract_layers']} reach beyond the "
-                        f"{vision['num_hidden_layers']} vision layers")
-    if not isinstance(text["vocab_size"], int):
-        problems.append(f"text vocab_size must be an int, got {text['vocab_size']!r}")
-    if problems:
-        raise ValueError("invalid architecture: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +247,7 @@ def draw(specs: Iterable[TensorSpec], seed: int) -> dict[str, torch.Tensor]:
 
 def clip_state_dict(arch: dict, seed: int) -> dict[str, torch.Tensor]:
     """What `torch.jit.load(ViT-B-16.pt).state_dict()` holds: 302 weights + 3 int64 scalars."""
-    check_arch(arch)
+    architecture(arch)
     tensors = draw(clip_specs(arch), seed)
     # The scalars sit on the root module as buffers, which `state_dict()` lists after the root's
     # parameters and before its children.
@@ -278,7 +262,7 @@ def clip_state_dict(arch: dict, seed: int) -> dict[str, torch.Tensor]:
 
 def decoder_state_dict(arch: dict, seed: int, include_reduce: bool = False) -> dict[str, torch.Tensor]:
     """The decoder file's state dict (plain or refined per the arch), fp32."""
-    check_arch(arch)
+    architecture(arch)
     return draw(decoder_specs(arch, include_reduce), seed + DECODER_SEED_OFFSET)
 
 
@@ -515,7 +499,7 @@ def write_sources(directory: Path, arch: dict, seed: int, *, decoder_member: str
 
     With `match_vocab` the token table must have the tokenizer's size, as a coherent model needs.
     """
-    check_arch(arch)
+    architecture(arch)
     tokenizer_size = tokenizer_vocab_size()
     if match_vocab and arch["text"]["vocab_size"] != tokenizer_size:
         raise ValueError(
@@ -551,7 +535,7 @@ def sha256_file(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m stages.synthetic",
+        prog="python -m tools.synthetic",
         description="Write synthetic CLIPSeg source files (published formats, random weights).")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the sources into")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))

@@ -1,0 +1,165 @@
+"""clipseg_pipeline.comparison and converted_model: the converted model's entries, their comparison with the
+reference's, and where a fault is said to start."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from clipseg_pipeline import comparison
+from clipseg_pipeline.architecture import Architecture
+from clipseg_pipeline.converted_model import hf_outputs, load_model
+from clipseg_pipeline.recording import OUTPUTS, recorded
+from stages import verify_outputs
+from tests.test_verify_outputs import PROMPTS, error_line, run_verify, tampered, tiny, tiny_refined  # noqa: F401  (fixtures)
+from tools import synthetic
+
+ENTRIES = comparison.entries(Architecture.from_mapping(synthetic.preset_arch("vit-b16-rd64")))
+
+
+def architecture(built) -> Architecture:
+    import yaml
+
+    return Architecture.from_mapping(yaml.safe_load(built.params.read_text(encoding="utf-8"))["models"]["v"]["architecture"])
+
+
+def test_recorded_drops_noise_and_keeps_real_differences():
+    assert recorded(7.2e-6, 1.3e-7, passed=True) == {"passed": True}
+    assert recorded(0.83124, 0.0123456, passed=False) == {"max_abs_diff": 0.83, "max_rel_diff": 0.012, "passed": False}
+    assert recorded(math.inf, math.inf, passed=False) == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
+    assert recorded(2.5e-3, None, passed=False) == {"max_abs_diff": 0.0025, "passed": False}
+
+
+def test_relative_difference_is_taken_against_the_entry_scale():
+    reference = {name: torch.tensor([[4.0, 1e-9, -2.0]]) for name in OUTPUTS}
+    converted = {name: t + torch.tensor([[0.0, 1e-6, 0.0]]) for name, t in reference.items()}
+    comparisons = comparison.compare(converted, reference, atol=1e-4, rtol=1e-4)
+    assert all(c.passed for c in comparisons)
+    # Element by element, 1e-6 against 1e-9 would read as a 1000-fold difference.
+    assert all(c.max_rel_diff == pytest.approx(1e-6 / 4.0) for c in comparisons)
+
+
+def test_entries_expanded_on_both_sides_compare_as_their_full_copies():
+    # One image's entries serve every prompt as stride-0 views, compared on one row: the full copies' figures.
+    row = torch.tensor([[[4.0, -2.0, 1e-9]]], dtype=torch.float64)
+    ours_row = (row + torch.tensor([[[0.0, 3e-5, -2e-5]]], dtype=torch.float64)).float()
+    names = ["vision.block0", "decoder.step0.reduce", *OUTPUTS]
+    expanded = {name: (ours_row.expand(3, -1, -1), row.expand(3, -1, -1)) for name in names}
+    expanded["decoder.step0.reduce"] = (ours_row.expand(3, -1, -1).contiguous(), row.expand(3, -1, -1))  # one side only
+    copies = {name: (ours.contiguous(), ref.contiguous()) for name, (ours, ref) in expanded.items()}
+
+    def compared(pairs):
+        converted, reference = {n: ours for n, (ours, _) in pairs.items()}, {n: ref for n, (_, ref) in pairs.items()}
+        return comparison.compare(converted, reference, atol=1e-4, rtol=1e-4)
+
+    assert compared(expanded) == compared(copies)
+    assert compared(expanded)[0].max_abs_diff == (ours_row.double() - row).abs().max().item() > 0
+
+
+def test_non_finite_values_fail_and_are_named():
+    reference = {name: torch.zeros(2, 3) for name in OUTPUTS}
+    converted = {**reference, "logits": torch.full((2, 3), math.nan)}
+    comparisons = comparison.compare(converted, reference, atol=1e-4, rtol=1e-4)
+    message = comparison.failure_message(comparisons, {}, ENTRIES)
+    assert "differs from the reference in logits (NaN or Inf values)" in message
+    metrics = verify_outputs.report(comparisons, {}, 1e-4, 2, "v", "float64")
+    assert metrics["outputs"]["logits"] == {"max_abs_diff": None, "max_rel_diff": None, "passed": False}
+    json.dumps(metrics, allow_nan=False)  # what write_json requires
+
+
+def test_first_divergence_follows_the_reference_order_not_the_names():
+    names = ["vision.block2", "vision.block10", "pooled_output", "text.block0", "conditional_embeddings", "logits"]
+    reference = {name: torch.ones(1, 2) for name in names}
+    converted = {**reference, "vision.block10": torch.zeros(1, 2), "vision.block2": torch.zeros(1, 2), "logits": torch.zeros(1, 2)}
+    comparisons = comparison.compare(converted, reference, atol=1e-4, rtol=1e-4)
+    assert [c.name for c in comparisons] == names
+    message = comparison.failure_message(comparisons, {}, ENTRIES)
+    assert "First divergence, in the order data flows: vision.block2 (" in message
+    assert "clip.vision_model.encoder.layers.2 (self_attn, layer_norm1, layer_norm2, mlp), which comes from the original visual.transformer.resblocks.2 (" in message
+
+
+def test_entries_on_one_side_only_are_refused():
+    reference = {name: torch.ones(1) for name in OUTPUTS}
+    converted = {**reference, "decoder.step3": torch.ones(1)}
+    with pytest.raises(comparison.VerificationError, match=r"only one side: \['decoder\.step3'\]"):
+        comparison.compare(converted, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_every_entry_the_converted_model_records_is_one_the_reference_computes_with_its_modules_named(tiny, tiny_refined):
+    from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
+    from clipseg_pipeline.reference import reference_forward
+    from clipseg_pipeline.tensor_io import TensorFile
+
+    for built in (tiny, tiny_refined):
+        arch = architecture(built)
+        known = comparison.entries(arch)
+        model = load_model(built.model)
+        modules = dict(model.named_modules())
+        pixels = pixel_values(load_image(built.original / "image"), 224, [0.5] * 3, [0.5] * 3)
+        ids = token_ids(tokenizer(built.original), PROMPTS)
+        traced = comparison.traced_forward(model, known, pixels, ids["input_ids"], ids["attention_mask"])
+        ours = reference_forward(TensorFile(built.original / "original.safetensors"), arch, pixels, ids["input_ids"])
+        assert list(known) != [] and set(traced) == set(ours) == set(known)
+        for entry in known.values():
+            # Every converted module named exists in the model, every original module in the original files.
+            assert entry.converted in modules, entry
+            assert all(any(key == m or key.startswith(m + ".") for key in arch.original_shapes()) for m in entry.original)
+
+
+def test_entries_are_derived_from_the_name_map():
+    assert ENTRIES["vision.block3.attention"].converted == "clip.vision_model.encoder.layers.3.self_attn"
+    assert ENTRIES["vision.block3.attention"].original == ("visual.transformer.resblocks.3.attn",)
+    assert ENTRIES["text.embeddings"].converted == "clip.text_model.embeddings"
+    assert ENTRIES["decoder.step2.mlp"].converted == "decoder.layers.2.mlp"
+    assert ENTRIES["decoder.step2.mlp"].original == ("blocks.2.linear1", "blocks.2.linear2")
+    assert ENTRIES["decoder.step0.film_add"].converted == "decoder.film_add"
+    assert ENTRIES["text.pooled"].probe == "input" and "eos_token_id" in ENTRIES["text.pooled"].describe()
+
+
+def test_the_stage_loads_the_model_from_pretrained_would(tiny, tiny_refined):
+    # load_model skips from_pretrained's conversion tables (0.1-0.3 s at full size): it must end in the same model.
+    from transformers import CLIPSegForImageSegmentation
+
+    from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
+
+    for built in (tiny, tiny_refined):
+        ours = load_model(built.model)
+        theirs = CLIPSegForImageSegmentation.from_pretrained(built.model).eval()
+        assert (ours.training, ours.config._attn_implementation) == (theirs.training, theirs.config._attn_implementation)
+        ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+        assert list(ours_state) == list(theirs_state)
+        for name, tensor in ours_state.items():
+            assert tensor.dtype == theirs_state[name].dtype and torch.equal(tensor, theirs_state[name]), name
+        pixels = pixel_values(load_image(built.original / "image"), 224, [0.5] * 3, [0.5] * 3)
+        ids = token_ids(tokenizer(built.original), PROMPTS)
+        with torch.inference_mode():
+            assert torch.equal(ours(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids).logits,
+                               theirs(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids).logits)
+
+
+def test_weights_stored_in_another_dtype_are_refused_on_loading(tiny, tmp_path):
+    model = tampered(tiny, tmp_path / "model", lambda state: state.update({name: t.half() for name, t in state.items() if name.endswith("fc1.weight")}))
+    run = run_verify(tiny, tmp_path, model=model)
+    assert run.code == 1
+    message = error_line(run.stderr)
+    assert "the weights in model.safetensors do not fit config.json" in message
+    assert re.search(r"'mismatched_keys': \['clip\.text_model\.encoder\.layers\.0\.mlp\.fc1\.weight: file \[\d+, \d+\] torch\.float16, config \[\d+, \d+\]'", message), message
+
+
+def test_hf_outputs_encodes_the_image_once_and_matches_the_models_forward(tiny):
+    from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
+
+    model = load_model(tiny.model)
+    pixels = pixel_values(load_image(tiny.original / "image"), 352, [0.5] * 3, [0.5] * 3)
+    ids = token_ids(tokenizer(tiny.original), PROMPTS)
+    fast = hf_outputs(model, pixels, ids["input_ids"], ids["attention_mask"])
+    with torch.inference_mode():  # the model's own forward, as a user calls it: the image repeated for each prompt
+        own = model(pixel_values=pixels.expand(len(PROMPTS), -1, -1, -1), **ids)
+    for name in OUTPUTS:
+        torch.testing.assert_close(fast[name], getattr(own, name), atol=1e-5, rtol=1e-5)
+
+
