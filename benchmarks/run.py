@@ -416,6 +416,42 @@ def evaluate(results: dict) -> list[dict]:
     return targets
 
 
+DOCS = HERE.parent / "docs" / "performance.md"
+DOCS_START, DOCS_END = "<!-- benchmark table: written by `python benchmarks/run.py --docs` -->", "<!-- end of benchmark table -->"
+
+
+def docs_table(results: dict) -> str:
+    """The latest figures as Markdown, for docs/performance.md: the stages and every target with its verdict."""
+    base, floor, rows = results["baseline"], results["floor"], results["stages"]
+    lines = [
+        f"From one run of `{results['code']['commit'][:7]}`"
+        + (" with uncommitted changes" if results["code"]["uncommitted"] else "")
+        + f" on {results['machine']['cpus']} CPUs: the baseline (transformers' old one-shot conversion) took "
+        f"{base['wall_s']:.2f} s end to end, its forward pass {base['forward_s']:.2f} s, and peaked at "
+        f"{base['peak_rss_mb']:.0f} MB; the I/O floor (a plain safetensors save) {floor['save_s']:.2f} s.",
+        "",
+        "| stage | wall s | start-up s | work s | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {stage} | {fmt(row['wall_s'])} | {fmt(row['startup_s'])} | {fmt(row['work_s'])} | {row['peak_rss_mb']:.0f} |"
+              for stage, row in rows.items()]
+    lines += ["", "| target | figure | limit | verdict |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"| {t['target']}{note} | {value} | {'<' if t['strict'] else '<='} {t['limit']}{t['unit']} | {t['verdict']} |")
+    return "\n".join(lines)
+
+
+def write_docs(results: dict, path: Path = DOCS) -> None:
+    """Replace the table between the markers in docs/performance.md with this run's."""
+    text = path.read_text(encoding="utf-8")
+    if DOCS_START not in text or DOCS_END not in text:
+        raise BenchError(f"{path} lacks the benchmark table's markers; restore them from git")
+    head, rest = text.split(DOCS_START, 1)
+    path.write_text(f"{head}{DOCS_START}\n{docs_table(results)}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}", encoding="utf-8")
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -638,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every subprocess timeout (for a slow machine)")
     parser.add_argument("--warm-gb", type=float, default=WARM_GB, help="memory a short-lived process touches and frees before "
                         f"every timed run, so each finds recently used memory (default {WARM_GB:g}; 0: none)")
+    parser.add_argument("--docs", action="store_true", help=f"write the figures into {DOCS.relative_to(HERE.parent)}")
     args = parser.parse_args(argv)
     if any("=" not in change for change in args.export_change or ()):
         parser.error("--export-change must be KEY=VALUE")
@@ -685,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"figures written to {args.out}")
+    if args.docs:
+        write_docs(results)
+        print(f"table written to {DOCS}")
     return 0
 
 

@@ -79,7 +79,7 @@ def test_full_in_memory_model_state_dict_is_accepted_and_every_rule_fires():
     full = {f"clip_model.{k}" if not k.startswith(("film_", "reduces.", "blocks.", "trans_conv")) else k: v for k, v in plain.items()}
     full |= {f"model.{k.removeprefix('visual.')}": v for k, v in plain.items() if k.startswith("visual.")}
     full |= {"reduce.weight": torch.empty(64, 768, device="meta"), "reduce.bias": torch.empty(64, device="meta")}
-    assert len(full) == 504 + 3  # ORIGINAL_FORMAT.md's 504 keys, plus the archive's three scalars
+    assert len(full) == 504 + 3  # a full model's 504 keys (docs/original-format.md), plus the archive's three scalars
     source = normalize(full)
     check_architecture(source, arch(), "clipseg-rd64")
     target, report = remap(source)

@@ -276,3 +276,23 @@ def test_the_errors_are_pipeline_errors():
     from clipseg_pipeline.errors import PipelineError
 
     assert issubclass(ParamsError, PipelineError)  # run_stage prints them as one line
+
+
+def test_params_yaml_is_kept_in_the_layout_dvc_writes(tmp_path):
+    # `dvc exp run -S` and `dvc exp apply` rewrite the whole file in their layout: kept in it, one changed value is a
+    # one-line diff, and the comments stay.
+    import difflib
+
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` runs on params.yaml
+
+    def changed_lines(override: str) -> list[str]:
+        copy = tmp_path / "params.yaml"
+        copy.write_bytes((REPO / "params.yaml").read_bytes())
+        apply_overrides(copy, [override])
+        before, after = (REPO / "params.yaml").read_text(encoding="utf-8"), copy.read_text(encoding="utf-8")
+        return [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+                if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+
+    assert changed_lines("models.clipseg-tiny.export.dtype=float16") == [
+        "-    export: {dtype: float32, synthetic: true}", "+    export: {dtype: float16, synthetic: true}"]
+    assert changed_lines("variants=[clipseg-rd64]") == ["-- clipseg-tiny", "+- clipseg-rd64"]

@@ -23,7 +23,7 @@ from tools import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Key names from the table in shared/ORIGINAL_FORMAT.md, written out independently of the generator.
+# Key names from the published files (docs/original-format.md), written out independently of the generator.
 CLIP_TOP_KEYS = [
     "positional_embedding", "text_projection", "logit_scale", "token_embedding.weight",
     "ln_final.weight", "ln_final.bias",

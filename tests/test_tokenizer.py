@@ -2,7 +2,7 @@
 whichever way they come, transformers' CLIPTokenizer gives the ids OpenAI's own SimpleTokenizer gives.
 
 `SimpleTokenizer` below re-implements OpenAI's algorithm (clip/simple_tokenizer.py) from its description, without
-ftfy and html-unescaping, which Hugging Face's tokenizer skips too (see shared/ORIGINAL_FORMAT.md, "Known traps").
+ftfy and html-unescaping, which Hugging Face's tokenizer skips too (see docs/original-format.md, "Known traps").
 """
 
 from __future__ import annotations

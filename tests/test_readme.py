@@ -1,0 +1,91 @@
+"""README.md is for users: short, and every command it shows works as written on a fresh clone with the default
+params.yaml (the commands that need network or a Hub login are checked as far as they go offline)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipeline_fixture import tiny_pipeline  # noqa: F401  (a pytest fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[list[str]]:
+    """Every shell command the README shows, split into words (comments and `&&` chains taken apart)."""
+    found = []
+    for block in code_blocks("bash"):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            found += [shlex.split(part) for part in line.split("&&") if part.strip()]
+    return found
+
+
+def test_the_readme_is_short():
+    assert len(README.splitlines()) <= 200
+
+
+def test_it_cites_nothing_outside_the_repository():
+    assert "shared/" not in README and not re.search(r"[Ii]ssue #?\d", README)
+    for link in re.findall(r"\]\(((?!https?://)[^)#]+)", README):
+        assert (REPO / link).exists(), link
+
+
+def test_every_dvc_repro_target_exists_with_the_default_params():
+    stages = {f"{name}@{variant}" for name in STAGES for variant in PARAMS["variants"]}
+    targets = [words[2] for words in commands() if words[:2] == ["dvc", "repro"] and len(words) > 2
+               and not words[2].startswith("-")]
+    assert targets and all(target in stages for target in targets), targets
+
+
+def test_every_variant_the_readme_builds_is_in_params():
+    variants = set(re.findall(r"variants[=:] ?\[([^\]]+)\]", README))
+    assert variants and all(name.strip() in PARAMS["models"] for group in variants for name in group.split(","))
+
+
+@pytest.mark.parametrize("module", sorted({words[2] for words in commands() if words[:2] == ["python", "-m"]}))
+def test_every_python_command_runs_and_help_writes_nothing(module, tmp_path):
+    if module == "pytest":
+        return
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ")
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout == before
+
+
+def test_the_segment_command_runs_as_written(tiny_pipeline, tmp_path):  # noqa: F811
+    (line,) = [words for words in commands() if words[:3] == ["python", "-m", "tools.segment"]]
+    # As written, in a folder laid out like the repository after `dvc repro`.
+    done = subprocess.run([sys.executable, *line[1:]], cwd=tiny_pipeline.root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert (tiny_pipeline.root / "masks" / "contact-sheet.png").is_file()
+    finally:
+        shutil.rmtree(tiny_pipeline.root / "masks", ignore_errors=True)  # the shared run's folder stays as it was
+
+
+def test_the_python_snippet_runs_as_written(tiny_pipeline):  # noqa: F811
+    (snippet,) = code_blocks("python")
+    done = subprocess.run([sys.executable, "-c", snippet + "\nprint(type(model).__name__, type(processor).__name__)"],
+                          cwd=tiny_pipeline.root, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["CLIPSegForImageSegmentation", "CLIPSegProcessor"]
