@@ -88,7 +88,7 @@ class TreeRss:
     """The peak of the summed resident memory of every process in a session (a run and all it starts), sampled on a
     thread every RSS_SAMPLE_S from /proc. os.wait4's ru_maxrss is the largest single process's own peak, which
     understates a run of several processes at once: `dvc repro` and the stage it runs, or a stage with a helper process
-    (export writes low-precision weights from a forked process). A sum counts the pages two processes share (a fork's
+    (export writes its weights from a forked process). A sum counts the pages two processes share (a fork's
     copy-on-write memory, a file both map) twice: it is an upper bound. Where /proc is missing it stays 0."""
 
     def __init__(self, session: int):

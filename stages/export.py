@@ -47,18 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     # Built beside its destination and moved into place only once it checks out: a killed or failed export never
     # leaves a half-written model folder at the output path.
     staging = args.out.with_name(f".{args.out.name}.staging")
-    weights: list[Background] = []
+    writing: list[Background] = []  # the weights' writer, waited for before the staging folder is removed
 
-    def start() -> tuple[params_mod.Params, Background]:
+    def start() -> params_mod.Params:
         params = params_mod.load(args.params)
-        dtype = params.model(args.variant).dtype
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        weights.append(Background(write_weights, args.model, staging, dtype, args.variant))
-        return params, weights[0]
+        writing.append(Background(write_weights, args.model, staging, params.model(args.variant).dtype, args.variant))
+        return params
 
-    def body(started: tuple[params_mod.Params, Background]) -> None:
-        params, weights = started
+    def body(params: params_mod.Params) -> None:
         model = params.model(args.variant)
         download_report = read_report(args.download_report, "download")
         verify_report = read_report(args.verify_report, "verify-outputs")
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         atol = params.export_atol[model.dtype]
         proc = params.processor
-        weights_sha256 = weights.result()
+        weights_sha256 = writing[0].result()
         config = export_config(json.loads((args.model / "config.json").read_text(encoding="utf-8")), model.dtype)
         write_json(staging / "config.json", config)
         for name in ("vocab.json", "merges.txt"):
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every export loads its tokenizer with transformers (check_tokenizer): imported while the weights are written.
         return run_stage(STAGE, args.variant, body, start=start, imports=("transformers.models.clip.tokenization_clip",))
     finally:
-        for job in weights:
+        for job in writing:
             job.close()
         shutil.rmtree(staging, ignore_errors=True)
 

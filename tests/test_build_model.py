@@ -1,4 +1,4 @@
-"""build-model: strict accounting of the remapped tensors against the model's state dict (stages.hf_layout), and what it writes."""
+"""build-model: strict accounting of the remapped tensors against the model's state dict (clipseg_pipeline.hf_layout), and what it writes."""
 
 from __future__ import annotations
 
