@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from .name_map import match_rules, split_qkv, transpose
 from .params import Expected
 from .recording import OUTPUTS, print_figures, recorded
 from .reference import reference_forward
+from .tensor_io import write_json
 
 
 class VerificationError(PipelineError):
@@ -163,10 +166,11 @@ def _one_row_if_shared(ours: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Ten
     return ours, ref
 
 
-def compare(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], atol: float, rtol: float) -> list[Comparison]:
+def compare(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], atol: float, rtol: float,
+            outputs: Collection[str] = OUTPUTS) -> list[Comparison]:
     """Max abs and relative difference of every entry, in the reference's order (the order data flows).
 
-    The outputs pass when every element is within `atol`. Intermediates, whose scale grows through the network, pass
+    The `outputs` pass when every element is within `atol`. Intermediates, whose scale grows through the network, pass
     within `atol + rtol * max|reference|`; they only serve to name where a fault starts. The relative difference is
     taken against the entry's largest reference value: element by element it would divide by values near zero.
     """
@@ -191,7 +195,7 @@ def compare(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch
             max_abs = max_rel = math.inf
         else:
             max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
-        tolerance = atol if name in OUTPUTS else atol + rtol * scale
+        tolerance = atol if name in outputs else atol + rtol * scale
         results.append(Comparison(name, max_abs, max_rel, tolerance, max_abs <= tolerance))
     return results
 
@@ -279,11 +283,14 @@ def _describe(c: Comparison) -> str:
     return f"max abs diff {c.max_abs_diff:.3g} > tolerance {c.tolerance:.3g}"
 
 
-def failure_message(comparisons: list[Comparison], published: Mapping[str, dict], known: Mapping[str, Entry]) -> str | None:
-    """Why verification failed, naming the first divergence's converted and original weights (`known`: entries())."""
+def failure_message(comparisons: list[Comparison], published: Mapping[str, dict], known: Mapping[str, Entry],
+                    uses: Sequence[Check] = ()) -> str | None:
+    """Why verification failed, naming the first divergence's converted and original weights (`known`: entries()),
+    and every check of another use (image prompts, a batch) that failed."""
     failed_outputs = [c for c in comparisons if c.name in OUTPUTS and not c.passed]
     failed_published = sorted(name for name, r in published.items() if not r["passed"])
-    if not failed_outputs and not failed_published:
+    failed_uses = [check for check in uses if not check.passed]
+    if not failed_outputs and not failed_published and not failed_uses:
         return None
     parts = []
     if failed_outputs:
@@ -296,4 +303,82 @@ def failure_message(comparisons: list[Comparison], published: Mapping[str, dict]
         )
     if failed_published:
         parts.append(f"the published check values differ for {failed_published}: {dict(published)}")
+    if failed_uses:
+        parts.append("used otherwise, the converted model differs from the reference in "
+                     + ", ".join(f"{check.name} {check.what} ("
+                                 + ", ".join(f"{c.name}: {_describe(c)}" for c in check.comparisons if not c.passed)
+                                 + f"; {check.mask_pixels_differ} mask pixels differ)" for check in failed_uses))
     return "; ".join(parts)
+
+
+# ---- the other ways the model is used: image prompts, batches of images; and the masks ----------------------------
+
+
+def mask_pixels_differ(ours: torch.Tensor, reference: torch.Tensor) -> list[int]:
+    """Per row of [P, H, W] logits, how many mask pixels (sigmoid > 0.5, i.e. logit > 0) differ from the reference's."""
+    return [int(n) for n in ((ours > 0) != (reference > 0)).flatten(1).sum(1)]
+
+
+def image_prompt_outputs(model, pixel_values: torch.Tensor, prompt_pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The converted model conditioned on K prompt images, through its own forward as a user calls it (the query
+    image repeated for each prompt): {"conditional_embeddings": [K, proj], "logits": [K, H, W]}."""
+    prompts = prompt_pixel_values.shape[0]
+    with torch.inference_mode():
+        out = model(pixel_values=pixel_values.expand(prompts, -1, -1, -1), conditional_pixel_values=prompt_pixel_values)
+    return {"conditional_embeddings": out.conditional_embeddings, "logits": out.logits}
+
+
+def batch_outputs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The converted model on a batch of B different images, each with its own prompt, in one forward call."""
+    with torch.inference_mode():
+        out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    return {name: getattr(out, name) for name in OUTPUTS}
+
+
+def reference_batch(original: Mapping[str, torch.Tensor], arch: Architecture, pixel_values: torch.Tensor,
+                    input_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the batch should give: the reference run image by image, each with its own prompt, rows stacked."""
+    with torch.inference_mode():
+        rows = [reference_forward(original, arch, pixel_values[i : i + 1], input_ids[i : i + 1], dtype)
+                for i in range(pixel_values.shape[0])]
+    return {name: torch.cat([row[name] for row in rows]) for name in OUTPUTS}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One way of using the model, checked on one prompt: its comparisons and how many mask pixels differ."""
+
+    name: str  # "text-0", "image-0", "batch-1"
+    what: dict  # the prompt, the image prompt's box, or which image of the batch
+    comparisons: tuple[Comparison, ...]
+    mask_pixels_differ: int
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+
+def checks(kind: str, converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+           described: Sequence[dict], atol: float) -> list[Check]:
+    """Row i of every output (one prompt, one image) compared on its own, every element within `atol`."""
+    found = []
+    for i, what in enumerate(described):
+        ours = {name: tensor[i : i + 1] for name, tensor in converted.items()}
+        ref = {name: reference[name][i : i + 1] for name in converted}
+        found.append(Check(f"{kind}-{i}", what, tuple(compare(ours, ref, atol, 0.0, outputs=ours)),
+                           mask_pixels_differ(ours["logits"], ref["logits"])[0]))
+    return found
+
+
+def check_report(uses: Sequence[Check]) -> dict:
+    """Each check as a report records it: what it ran on, its outputs' verdicts, how many mask pixels differ."""
+    return {check.name: {**check.what, "mask_pixels_differ": check.mask_pixels_differ, "passed": check.passed,
+                         **{c.name: recorded(c.max_abs_diff, c.max_rel_diff, c.passed) for c in check.comparisons}}
+            for check in uses}
+
+
+def write_checks(directory: Path, uses: Sequence[Check]) -> None:
+    """One small metrics file per check, so that `dvc metrics show` lists each prompt as a row of its own."""
+    shutil.rmtree(directory, ignore_errors=True)
+    for check in uses:
+        write_json(directory / f"{check.name}.json", {"passed": check.passed, "mask_px": check.mask_pixels_differ})

@@ -157,6 +157,8 @@ def check_outputs(out: Path, arch: Architecture, reference: TensorFile, dtype: s
     for name in OUTPUTS:
         diff = (got[name] - reference[name]).abs().max().item()
         results[name] = {"max_abs_diff": diff, "passed": diff <= atol}  # NaN compares False: fails
+    # How many mask pixels (logit > 0, i.e. sigmoid > 0.5) differ from the reference's, per prompt.
+    results["logits"]["mask_pixels_differ"] = [int(n) for n in ((got["logits"] > 0) != (reference["logits"] > 0)).flatten(1).sum(1)]
     failed = sorted(name for name, r in results.items() if not r["passed"])
     if failed:
         raise ExportError(
@@ -175,11 +177,17 @@ def check_export(out: Path, reference_file: Path, prompts: Sequence[str], dtype:
     check_tokenizer(out, TensorFile(reference_file, framework="np"), prompts)
     arch = check_loadable(out)
     if dtype == "float32":
-        return {name: {**verify_report["outputs"][name], "checked_by": "verify-outputs (the same float32 weights)"} for name in OUTPUTS}
+        results = {name: {**verify_report["outputs"][name], "checked_by": "verify-outputs (the same float32 weights)"}
+                   for name in OUTPUTS}
+        results["logits"]["mask_pixels_differ"] = [verify_report["checks"][f"text-{i}"]["mask_pixels_differ"]
+                                                   for i in range(len(prompts))]
+        return results
     results = check_outputs(out, arch, TensorFile(reference_file), dtype, atol, threads)
     print_figures("export", {f"{name} ({dtype})": (r["max_abs_diff"], atol) for name, r in results.items()})
     checked_by = f"the reference forward pass, in float32, on this folder's {dtype} weights"
-    return {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": checked_by} for name, r in results.items()}
+    exported = {name: recorded(r["max_abs_diff"], None, r["passed"]) | {"checked_by": checked_by} for name, r in results.items()}
+    exported["logits"]["mask_pixels_differ"] = results["logits"]["mask_pixels_differ"]
+    return exported
 
 
 def read_report(path: Path, stage: str) -> dict:

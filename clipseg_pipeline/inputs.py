@@ -57,6 +57,15 @@ def load_image(path: Path):
         raise InputError(f"{path}: not a readable image ({exc})") from exc
 
 
+def crop(image, box: Sequence[int], where: str):
+    """The part of a PIL image inside `box` (left, top, right, bottom), refused when the box leaves the image."""
+    left, top, right, bottom = box
+    if right > image.width or bottom > image.height:
+        raise InputError(f"{where}: the box {list(box)} reaches beyond the {image.width}x{image.height} image; keep "
+                         f"right <= {image.width} and bottom <= {image.height}")
+    return image.crop((left, top, right, bottom))
+
+
 def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An RGB PIL image -> [1, 3, size, size] float32, as the published CLIPSeg image processor computes it
     (transformers' ViTImageProcessorPil): resized to size x size by PIL (bilinear, no crop), rescaled by 1/255 in
@@ -103,3 +112,12 @@ def _text(index: int, prompt: object) -> str:
             f"prompt {index} ({prompt[:60]!r}) holds characters that are not text ({exc.reason}); fix its encoding"
         ) from exc
     return prompt
+
+
+def prompt_pixel_values(image, boxes: Sequence[Sequence[int]], size: int, mean: Sequence[float], std: Sequence[float],
+                        where: str):
+    """Image prompts, crops of `image`, each preprocessed as a query image is (to size x size, as transformers'
+    processor does for `visual_prompt`): [K, 3, size, size]."""
+    import torch
+
+    return torch.cat([pixel_values(crop(image, box, f"{where}[{i}]"), size, mean, std) for i, box in enumerate(boxes)])

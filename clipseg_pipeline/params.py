@@ -55,6 +55,8 @@ class Model:
     architecture: Architecture
     sources: dict[str, Source]
     prompts: tuple[str, ...]
+    # Image prompts: boxes (left, top, right, bottom) in pixels of the reference image, each crop a condition.
+    image_prompts: tuple[tuple[int, int, int, int], ...]
     expected: Expected | None
     dtype: str
     synthetic: bool  # weights made by this project's generator, not a model to publish as one
@@ -193,10 +195,20 @@ def _prompts(data: Any, where: str) -> tuple[str, ...]:
     return tuple(data)
 
 
+def _boxes(data: list, where: str) -> tuple[tuple[int, int, int, int], ...]:
+    """Crop boxes [left, top, right, bottom] in pixels, each at least one pixel wide and high (may be none)."""
+    for box in data:
+        if not (isinstance(box, list) and len(box) == 4 and all(is_kind(v, int) and v >= 0 for v in box)
+                and box[0] < box[2] and box[1] < box[3]):
+            raise SchemaError(f"`{where}` holds {box!r}; every image prompt is a box [left, top, right, bottom] of whole "
+                              "pixels in the reference image, left < right and top < bottom")
+    return tuple(tuple(box) for box in data)
+
+
 def _model(variant: str, data: Any) -> Model:
     where = f"models.{variant}"
     model = check_mapping(data, where, {"architecture": dict, "sources": dict, "verify": dict, "expected": (dict, None), "export": dict})
-    verify = check_mapping(model["verify"], f"{where}.verify", {"prompts": list})
+    verify = check_mapping(model["verify"], f"{where}.verify", {"prompts": list, "image_prompts": list})
     export = check_mapping(model["export"], f"{where}.export", {"dtype": str, "synthetic": bool})
     if export["dtype"] not in DTYPES:
         raise SchemaError(f"`{where}.export.dtype` is {export['dtype']!r}; allowed: {list(DTYPES)}")
@@ -205,6 +217,7 @@ def _model(variant: str, data: Any) -> Model:
         architecture=Architecture.from_mapping(model["architecture"], f"{where}.architecture"),
         sources=_sources(model["sources"], f"{where}.sources"),
         prompts=_prompts(verify["prompts"], f"{where}.verify.prompts"),
+        image_prompts=_boxes(verify["image_prompts"], f"{where}.verify.image_prompts"),
         expected=_expected(model["expected"], f"{where}.expected"),
         dtype=export["dtype"],
         synthetic=export["synthetic"],

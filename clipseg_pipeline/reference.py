@@ -297,3 +297,15 @@ def forward_from_vision(tensors: Mapping[str, Tensor], arch: Architecture, visio
     text = encode_text(tensors, arch, input_ids, dtype)
     activations = [vision[f"vision.block{k}"] for k in arch.extract_layers]
     return {**vision, **text, **decode(tensors, arch, activations, text["conditional_embeddings"], dtype)}
+
+
+def image_prompt_forward(tensors: Mapping[str, Tensor], arch: Architecture, pixel_values: Tensor,
+                         prompt_pixel_values: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """One image [1, 3, H, W] conditioned on K prompt images [K, 3, h, w], as the original conditions on an image: it
+    runs the prompt through its own vision tower, at the prompt's own size, and takes the projected class token (the
+    pooled output). -> {"conditional_embeddings": [K, proj], "logits": [K, H_out, W_out]}."""
+    vision = encode_image(tensors, arch, pixel_values, dtype)
+    conditions = encode_image(tensors, arch, prompt_pixel_values, dtype)["pooled_output"]
+    activations = [vision[f"vision.block{k}"] for k in arch.extract_layers]
+    return {"conditional_embeddings": conditions,
+            "logits": decode(tensors, arch, activations, conditions, dtype)["logits"]}

@@ -22,7 +22,8 @@ import torch
 
 from clipseg_pipeline import params as params_mod
 from clipseg_pipeline.comparison import (
-    Comparison, VerificationError, check_published, compare, entries, failure_message, reference_outputs, traced_forward,
+    Check, Comparison, VerificationError, check_published, check_report, checks, compare, entries, failure_message, reference_outputs,
+    traced_forward, write_checks,
 )  # fmt: skip
 from clipseg_pipeline.converted_model import load_model
 from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
@@ -34,8 +35,8 @@ from clipseg_pipeline.tensor_io import TensorFile, write_json, write_safetensors
 STAGE = "verify-outputs"
 
 
-def report(comparisons: list[Comparison], published: Mapping[str, dict], atol: float, prompts: int, variant: str,
-            reference_dtype: str) -> dict:
+def report(comparisons: list[Comparison], published: Mapping[str, dict], uses: list[Check], atol: float, prompts: int,
+           variant: str, reference_dtype: str) -> dict:
     intermediates = [c for c in comparisons if c.name not in OUTPUTS]
     return {
         "stage": STAGE,
@@ -59,7 +60,11 @@ def report(comparisons: list[Comparison], published: Mapping[str, dict], atol: f
         "intermediates_passed": all(c.passed for c in intermediates),
         "first_divergence": next((c.name for c in comparisons if not c.passed), None),
         "published_check": dict(published) or None,
-        "passed": all(c.passed for c in comparisons if c.name in OUTPUTS) and all(r["passed"] for r in published.values()),
+        # Each prompt on its own: its outputs' verdicts and how many mask pixels (sigmoid > 0.5) differ from the
+        # reference's.
+        "checks": check_report(uses),
+        "passed": all(c.passed for c in comparisons if c.name in OUTPUTS) and all(r["passed"] for r in published.values())
+                  and all(check.passed for check in uses),
     }
 
 
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--original", type=Path, required=True, help="download's folder (original.safetensors, tokenizer, image)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the reference outputs and mask pictures")
     parser.add_argument("--metrics", type=Path, required=True, help="the metrics JSON to write")
+    parser.add_argument("--checks", type=Path, required=True, help="the folder for one metrics file per prompt")
     parser.add_argument("--report", type=Path, required=True, help="the JSON report to write")
     args = parser.parse_args(argv)
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         params = params_mod.load(args.params)
         model_params = params.model(args.variant)
         arch, proc, reference_dtype = model_params.architecture, params.processor, params.verify.reference_dtype
+        dtype = getattr(torch, reference_dtype)
         torch.set_num_threads(params.verify.threads)
         image = load_image(args.original / "image")
         pixels = pixel_values(image, proc.image_size, proc.image_mean, proc.image_std)
@@ -87,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         del model  # its 600 MB of weights are done with: the reference's float64 entries need the room
         original = TensorFile(args.original / "original.safetensors")
         try:
-            reference = reference_outputs(original, arch, pixels, ids["input_ids"], ids["attention_mask"],
-                                          getattr(torch, reference_dtype))
+            reference = reference_outputs(original, arch, pixels, ids["input_ids"], ids["attention_mask"], dtype)
         except ValueError as exc:
             raise VerificationError(
                 f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             ) from exc
         atol = params.verify.atol
         comparisons = compare(converted, reference, atol, params.verify.rtol)
+        # Each prompt on its own: its outputs' verdicts, and how many of its mask pixels differ from the reference's.
+        uses = checks("text", {name: converted[name] for name in OUTPUTS}, reference,
+                      [{"prompt": prompt} for prompt in model_params.prompts], atol)
         print_figures(STAGE, {c.name: (c.max_abs_diff, c.tolerance) for c in comparisons if c.name in OUTPUTS})
         write_safetensors(args.out / "reference.safetensors", {
             "pixel_values": pixels, "input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
@@ -104,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         # The original's prediction (the converted model's agrees within atol), drawn in float64: from a float64
         # reference, the same pixels everywhere.
         write_mask_pictures(image, reference["logits"], model_params.prompts, args.out / "masks")
-        full = report(comparisons, published, atol, len(model_params.prompts), args.variant, reference_dtype)
+        full = report(comparisons, published, uses, atol, len(model_params.prompts), args.variant, reference_dtype)
         write_json(args.report, full)
+        write_checks(args.checks, uses)
         write_json(args.metrics, {"passed": full["passed"], "atol": atol, "prompts": len(model_params.prompts)})
-        if message := failure_message(comparisons, published, entries(arch)):
+        if message := failure_message(comparisons, published, entries(arch), uses):
             raise VerificationError(message)
 
     return run_stage(STAGE, args.variant, body, imports=("transformers.models.clipseg.modeling_clipseg",))

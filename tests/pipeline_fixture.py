@@ -110,6 +110,7 @@ def run_pipeline(root: Path) -> TinyPipeline:
         (build_model, ["--remapped", str(remapped), "--out", str(run.model), "--metrics", str(run.metrics("build"))]),
         (verify_outputs, ["--model", str(run.model), "--original", str(run.original),
                           "--out", str(run.reference.parent), "--metrics", str(run.metrics("verify")),
+                          "--checks", str(run.root / "metrics" / VARIANT / "prompts"),
                           "--report", str(run.report("verify"))]),
     ]
     for stage, argv in steps:

@@ -1,7 +1,7 @@
 """DVC experiments on the synthetic variant: `dvc exp run -S` sets params, `dvc exp show` compares the runs.
 
 Two experiments start from the reproduced template, each in a temporary directory (`--temp`) so they do not stack:
-one asks for other prompts (reruns verify-outputs and export), one exports in float16 (reruns export only). Then
+one asks for other prompts (reruns verify-outputs, verify-usage and export), one exports in float16 (reruns export only). Then
 `dvc exp show --json` must list both with their settings and metrics, and the params.yaml DVC rewrote for each must
 still be a valid params file with exactly the requested changes.
 """
@@ -70,7 +70,7 @@ def metrics_of(entry: dict, path: str) -> dict:
 
 
 def test_each_experiment_runs_only_the_stages_its_setting_concerns(experiments):
-    assert experiments.runs["dog-prompt"].ran == stage_names(VARIANT, ("verify-outputs", "export"))
+    assert sorted(experiments.runs["dog-prompt"].ran) == sorted(stage_names(VARIANT, ("verify-outputs", "verify-usage", "export")))
     assert experiments.runs["float16-export"].ran == stage_names(VARIANT, ("export",))
 
 

@@ -980,7 +980,7 @@ def test_row13_verify_with_a_one_pixel_image_and_a_huge_prompt(tmp_path, capsys,
     one.parent.mkdir()
     Image.new("RGB", (1, 1), (200, 30, 30)).save(one)
     prompts = ["a cat", "a photo of a small red cat " * 300]
-    params = write_params(tmp_path, tiny_sources(tiny, image=source(one)), model={"verify": {"prompts": prompts}})
+    params = write_params(tmp_path, tiny_sources(tiny, image=source(one)), model={"verify": {"prompts": prompts, "image_prompts": []}})
     assert download.main(download_argv(tmp_path, params)) == 0
     model, verify = tmp_path / "model", tmp_path / "verify"
     assert remap_weights.main(remap_argv(tmp_path)) == 0
@@ -988,7 +988,8 @@ def test_row13_verify_with_a_one_pixel_image_and_a_huge_prompt(tmp_path, capsys,
              "--out", str(model), "--metrics", str(tmp_path / "build.json")]  # fmt: skip
     assert build_model.main(build) == 0
     argv = ["--variant", VARIANT, "--params", str(params), "--model", str(model), "--original", str(tmp_path / "out"),
-            "--out", str(verify), "--metrics", str(tmp_path / "verify.metrics.json"), "--report", str(tmp_path / "verify.json")]  # fmt: skip
+            "--out", str(verify), "--metrics", str(tmp_path / "verify.metrics.json"), "--checks", str(tmp_path / "prompts"),
+            "--report", str(tmp_path / "verify.json")]  # fmt: skip
     assert verify_outputs.main(argv) == 0, capsys.readouterr().err
     assert len(list((verify / "masks").iterdir())) == 2
     capsys.readouterr()

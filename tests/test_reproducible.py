@@ -59,7 +59,8 @@ def test_verify_outputs_writes_the_same_bytes_on_another_cpu(tiny_pipeline, tmp_
     out, metrics = tmp_path / "verify", tmp_path / "verify.json"
     result = run(["-m", "stages.verify_outputs", "--variant", VARIANT, "--params", str(tiny_pipeline.params),
                   "--model", str(tiny_pipeline.model), "--original", str(tiny_pipeline.original),
-                  "--out", str(out), "--metrics", str(tmp_path / "verify.metrics.json"), "--report", str(metrics)], OTHER_CPU)
+                  "--out", str(out), "--metrics", str(tmp_path / "verify.metrics.json"), "--checks", str(tmp_path / "prompts"),
+                  "--report", str(metrics)], OTHER_CPU)
     assert files(out) == files(tiny_pipeline.reference.parent)
     assert len(files(out)) == 1 + len(tiny_pipeline.prompts)  # reference.safetensors and one picture per prompt
     assert metrics.read_bytes() == tiny_pipeline.report("verify").read_bytes()

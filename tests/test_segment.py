@@ -16,7 +16,7 @@ from PIL import Image
 
 from clipseg_pipeline import pictures
 from tools import segment, synthetic
-from tests.pipeline_fixture import REPO, tiny_pipeline  # noqa: F401
+from tests.pipeline_fixture import REPO, VARIANT, tiny_pipeline  # noqa: F401
 
 PROMPTS = ["a cat", "a remote"]
 EXIF_ORIENTATION = 0x0112
@@ -165,3 +165,42 @@ def test_contact_sheet_lays_pictures_out_in_rows():
     assert sheet.size == (columns * cell_w + (columns + 1) * gap, rows * cell_h + (rows + 1) * gap)
     with pytest.raises(ValueError, match="at least one picture"):
         pictures.contact_sheet([])
+
+
+def test_an_image_prompt_segments_as_the_original_model_would(tiny_pipeline, tmp_path):  # noqa: F811
+    # The image prompt through the tool (transformers' processor and forward) against the reference's image-prompt
+    # path on the original tensors: the same probabilities at the image's size.
+    import numpy as np
+    import yaml
+
+    from clipseg_pipeline.architecture import Architecture
+    from clipseg_pipeline.inputs import crop, load_image, pixel_values
+    from clipseg_pipeline.reference import image_prompt_forward
+    from clipseg_pipeline.tensor_io import TensorFile
+
+    image = load_image(tiny_pipeline.original / "image")
+    crop(image, (200, 100, 440, 300), "test").save(tmp_path / "example.png")
+    out = tmp_path / "masks"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.segment", "--model", str(tiny_pipeline.export), "--image", str(tiny_pipeline.original / "image"),
+         "--prompt", "a cat", "--image-prompt", str(tmp_path / "example.png"), "--out", str(out), "--npy"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.glob("*.npy")) == ["00-a-cat.npy", "01-image-example-png.npy"]
+    got = np.load(out / "01-image-example-png.npy")
+    params = yaml.safe_load(tiny_pipeline.params.read_text(encoding="utf-8"))
+    arch = Architecture.from_mapping(params["models"][VARIANT]["architecture"])
+    mean, std = params["processor"]["image_mean"], params["processor"]["image_std"]
+    example = load_image(tmp_path / "example.png")
+    with torch.inference_mode():
+        logits = image_prompt_forward(TensorFile(tiny_pipeline.original / "original.safetensors"), arch,
+                                      pixel_values(image, 352, mean, std), pixel_values(example, 352, mean, std),
+                                      torch.float64)["logits"]
+    want = pictures.probabilities(logits, image.size, torch.float64)[0].numpy()
+    assert got.shape == (image.height, image.width) and np.abs(got - want).max() < 1e-4
+
+
+def test_without_any_prompt_the_tool_says_what_to_give(tiny_pipeline, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_info:
+        segment.main(["--model", str(tiny_pipeline.export), "--image", str(tiny_pipeline.original / "image"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "give at least one --prompt or --image-prompt" in capsys.readouterr().err

@@ -60,7 +60,8 @@ class Built:
     def verify_argv(self, out: Path, model: Path | None = None, params: Path | None = None) -> list[str]:
         return self.stage_argv(params) + [
             "--model", str(model or self.model), "--original", str(self.original),
-            "--out", str(out / "verify"), "--metrics", str(out / "verify.metrics.json"), "--report", str(out / "verify.json"),
+            "--out", str(out / "verify"), "--metrics", str(out / "verify.metrics.json"), "--checks", str(out / "prompts"),
+            "--report", str(out / "verify.json"),
         ]  # fmt: skip
 
     def remap_argv(self, out: Path, params: Path) -> list[str]:
@@ -76,7 +77,7 @@ def write_params(path: Path, arch: dict, sources: dict[str, Path], member: str, 
     pinned = {name: {"url": str(sources[name]), "sha256": synthetic.sha256_file(sources[name])}
               for name in ("clip", "vocab", "merges", "image")}
     pinned["decoder"] = {"url": str(sources["decoder"]), "sha256": synthetic.sha256_file(sources["decoder"]), "member": member}
-    only_v = {VARIANT: {"architecture": arch, "sources": pinned, "verify": {"prompts": prompts},
+    only_v = {VARIANT: {"architecture": arch, "sources": pinned, "verify": {"prompts": prompts, "image_prompts": [[100, 100, 300, 260]]},
                         "expected": None, "export": {"dtype": "float32", "synthetic": True}}}
     return edited_params(REPO / "params.yaml", lambda data: data.update(variants=[VARIANT], models=only_v), path)
 
@@ -262,7 +263,7 @@ def test_metrics_reference_and_pictures_are_byte_identical_across_runs(tiny, tin
     first, second = tiny_verified, run_verify(tiny, tmp_path)
     assert first.code == second.code == 0
     files = sorted(p.relative_to(first.out) for p in first.out.rglob("*") if p.is_file())
-    assert len(files) == 3 + len(PROMPTS)  # metrics, report, reference and one picture per prompt
+    assert len(files) == 3 + 2 * len(PROMPTS)  # metrics, report, reference; per prompt a picture and a metrics file
     for name in files:
         assert (first.out / name).read_bytes() == (second.out / name).read_bytes(), name
 

@@ -1,6 +1,9 @@
-"""segment: an exported model folder + any image + text prompts -> one probability map and one overlay per prompt.
+"""segment: an exported model folder + any image + text or image prompts -> one probability map and overlay per prompt.
 
     python -m tools.segment --model outputs/clipseg-tiny/hf --image photo.jpg --prompt "a cat" --prompt "a remote" --out masks/
+    python -m tools.segment --model outputs/clipseg-tiny/hf --image photo.jpg --image-prompt example.png --out masks/
+
+An image prompt is an example of what to find (one-shot segmentation): the model is conditioned on it instead of text.
 
 Writes into --out, per prompt (NN = its position): NN-<prompt>.mask.png (the sigmoid of the prediction as 8-bit
 grayscale, at the image's size), NN-<prompt>.overlay.png (the mask over the image, the prompt as a legend underneath)
@@ -77,6 +80,17 @@ def segment(model, processor, image, ids: dict[str, torch.Tensor]) -> torch.Tens
     return probabilities(logits, image.size)
 
 
+def segment_by_images(model, processor, image, prompt_images: Sequence) -> torch.Tensor:
+    """Probabilities [prompt images, height, width] at the image's size, each prompt image (an example of what to
+    find) the condition: transformers' `conditional_pixel_values`, through the model's own forward."""
+    from clipseg_pipeline.comparison import image_prompt_outputs
+    from clipseg_pipeline.pictures import probabilities
+
+    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"].to(model.dtype)
+    prompts = processor.image_processor(images=list(prompt_images), return_tensors="pt")["pixel_values"].to(model.dtype)
+    return probabilities(image_prompt_outputs(model, pixels, prompts)["logits"], image.size)
+
+
 def write_results(image, probs: torch.Tensor, prompts: Sequence[str], out: Path, npy: bool) -> list[Path]:
     from clipseg_pipeline.pictures import contact_sheet, fit_width, mask_picture, overlay, prompt_stem, save_png
     from clipseg_pipeline.tensor_io import atomic_output
@@ -103,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.segment", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="an exported model folder (outputs/<variant>/hf)")
     parser.add_argument("--image", type=Path, required=True, help="any image PIL reads (JPEG, PNG, ...; any size and mode)")
-    parser.add_argument("--prompt", action="append", required=True, help="a text prompt; repeat for several")
+    parser.add_argument("--prompt", action="append", default=[], help="a text prompt; repeat for several")
+    parser.add_argument("--image-prompt", action="append", type=Path, default=[],
+                        help="an image of what to find (an example, as in one-shot segmentation); repeat for several")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write the pictures into")
     parser.add_argument("--npy", action="store_true", help="also write each probability map as a float32 .npy")
     args = parser.parse_args(argv)
+    if not args.prompt and not args.image_prompt:
+        parser.error("give at least one --prompt or --image-prompt")
 
     def body() -> None:
         from clipseg_pipeline.inputs import load_image, token_ids
@@ -118,18 +136,21 @@ def main(argv: list[str] | None = None) -> int:
 
         # Cheap checks first, so a bad prompt or image is reported before the model is loaded.
         processor = load_processor(args.model)
-        ids = token_ids(processor.tokenizer, args.prompt)
+        ids = token_ids(processor.tokenizer, args.prompt) if args.prompt else None
         image = load_image(args.image)
-        progress(f"read {args.image} ({image.width}x{image.height}), {len(args.prompt)} prompt(s)")
+        prompt_images = [load_image(path) for path in args.image_prompt]
+        labels = [*args.prompt, *(f"image {path.name}" for path in args.image_prompt)]
+        progress(f"read {args.image} ({image.width}x{image.height}), {len(labels)} prompt(s)")
         model = load_model(args.model)
         progress(f"loaded {args.model} ({str(model.dtype).removeprefix('torch.')})")
-        probs = segment(model, processor, image, ids)
+        probs = torch.cat([*([segment(model, processor, image, ids)] if ids else []),
+                           *([segment_by_images(model, processor, image, prompt_images)] if prompt_images else [])])
         progress("segmented")
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SegmentError(f"{args.out}: cannot create the output folder ({exc.strerror}); pass another --out") from exc
-        paths = write_results(image, probs, args.prompt, args.out, args.npy)
+        paths = write_results(image, probs, labels, args.out, args.npy)
         progress(f"wrote {len(paths)} files to {args.out}")
         for path in paths:
             print(path)
