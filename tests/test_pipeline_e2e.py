@@ -133,12 +133,12 @@ def test_verify_setting_reruns_only_verify_outputs(verify_setting_repro):
     # verify.rtol (how intermediates are judged) reruns verify-outputs of every variant; its outputs come out the same
     # bytes, so nothing downstream reruns. (verify.atol would rerun export too: the model card quotes the tolerance.)
     assert sorted(verify_setting_repro.ran) == sorted(stage_names(VARIANT, ("verify-outputs",)) + stage_names(SERVED, ("verify-outputs",))), verify_setting_repro.output
-    others = ("download", "remap-weights", "build-model", "export")
+    others = ("download", "remap-weights", "build-model", "export", "export-onnx")
     assert sorted(verify_setting_repro.skipped) == sorted(stage_names(VARIANT, others) + stage_names(SERVED, others))
 
 
 def test_one_variants_setting_leaves_the_other_variants_stages_untouched(pipeline, one_variant_repro):
-    assert one_variant_repro.ran == stage_names(SERVED, ("verify-outputs", "export")), one_variant_repro.output
+    assert one_variant_repro.ran == stage_names(SERVED, ("verify-outputs", "export", "export-onnx")), one_variant_repro.output
     assert set(stage_names(VARIANT)) <= set(one_variant_repro.skipped)
     masks = sorted(p.name for p in (pipeline.project.root / "outputs" / SERVED / "verify" / "masks").iterdir())
     assert len(masks) == 3 and "dog" in masks[-1], masks
