@@ -4,6 +4,7 @@ forms run by onnxruntime, the same bytes from the same inputs, and every way the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -131,3 +132,17 @@ def test_compare_logits_counts_mask_pixels_and_reports_nan_as_inf():
     assert ox.compare_logits(np.full_like(want, np.nan), want)[0] == np.inf
     with pytest.raises(ox.OnnxExportError, match=r"logits of shape \[2, 2\], the reference's are \[1, 2, 2\]"):
         ox.compare_logits(want[0], want)
+
+
+def readme_snippet(language: str) -> str:
+    """The README's ONNX section's code block in `language`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## ONNX for onnxruntime and transformers.js", 1)[1].split("\n## ", 1)[0]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_python_snippet_runs_as_written(tiny_pipeline, monkeypatch):
+    monkeypatch.chdir(tiny_pipeline.root)  # the snippet's paths are the pipeline's, from the repository root
+    namespace: dict = {}
+    exec(compile(readme_snippet("python"), "README.md", "exec"), namespace)
+    assert namespace["masks"].shape == (2, 352, 352)

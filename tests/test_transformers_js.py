@@ -60,3 +60,18 @@ def test_transformers_js_runs_the_documented_usage_within_tolerance(tiny_pipelin
     logits = np.fromfile(out, dtype=np.float32).reshape(shown["dims"])
     diff, agreement = compare_logits(logits, reference["logits"])
     assert diff <= atol and agreement >= least, (diff, agreement)
+
+
+def test_the_readme_javascript_snippet_runs_as_written(tiny_pipeline, node, tmp_path):
+    from tests.test_export_onnx import readme_snippet
+
+    # Beside js/node_modules, so that the import resolves; run from the pipeline's root, whose paths it uses.
+    script = JS / f".readme-snippet-{tmp_path.name}.mjs"
+    script.write_text(readme_snippet("javascript") + "console.log(JSON.stringify(logits.dims));\n", encoding="utf-8")
+    try:
+        result = subprocess.run([node, str(script)], cwd=tiny_pipeline.root, capture_output=True, text=True,
+                                timeout=NODE_TIMEOUT_S, check=False)
+    finally:
+        script.unlink()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [2, 352, 352]
