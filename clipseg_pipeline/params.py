@@ -3,6 +3,7 @@ variant name is reported once, here, before any work, with the allowed values.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 # The reference's working precision in verify-outputs. float64: its outputs and pictures are the same bytes on every
 # CPU. float32: half the reference's time, but their last bits then follow the CPU's instruction set (see README).
 REFERENCE_DTYPES = ("float64", "float32")
+# The ONNX export's files by transformers.js's dtype names (its `dtype` option): float32, float16, 8-bit weights.
+ONNX_DTYPES = ("fp32", "fp16", "q8")
+# The lower-precision ones, whose tolerances params.yaml sets (float32's is verify.atol).
+ONNX_ROUNDED = ("fp16", "q8")
 
 
 class ParamsError(PipelineError):
@@ -60,6 +65,7 @@ class Model:
     expected: Expected | None
     dtype: str
     synthetic: bool  # weights made by this project's generator, not a model to publish as one
+    base_model: str | None  # the Hub model the ONNX export's card names as its base (None: none, e.g. synthetic)
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,20 @@ class Verify:
 
 
 @dataclass(frozen=True)
+class Onnx:
+    files: tuple[str, ...]  # the ONNX_DTYPES to build, in that order
+    atol: dict[str, float]  # every logit vs the reference, per ONNX_ROUNDED dtype
+    mask_agreement: dict[str, float]  # the least share of mask pixels that agree with the reference's, likewise
+
+
+@dataclass(frozen=True)
 class Params:
     variants: tuple[str, ...]
     download: Download
     processor: Processor
     verify: Verify
     export_atol: dict[str, float]  # the exported model's bound against the reference, per dtype
+    onnx: Onnx
     models: dict[str, Model]
 
     def model(self, variant: str) -> Model:
@@ -207,11 +221,16 @@ def _boxes(data: list, where: str) -> tuple[tuple[int, int, int, int], ...]:
 
 def _model(variant: str, data: Any) -> Model:
     where = f"models.{variant}"
-    model = check_mapping(data, where, {"architecture": dict, "sources": dict, "verify": dict, "expected": (dict, None), "export": dict})
+    model = check_mapping(data, where, {"architecture": dict, "sources": dict, "verify": dict, "expected": (dict, None),
+                                        "export": dict, "onnx": dict})
     verify = check_mapping(model["verify"], f"{where}.verify", {"prompts": list, "image_prompts": list})
     export = check_mapping(model["export"], f"{where}.export", {"dtype": str, "synthetic": bool})
     if export["dtype"] not in DTYPES:
         raise SchemaError(f"`{where}.export.dtype` is {export['dtype']!r}; allowed: {list(DTYPES)}")
+    onnx = check_mapping(model["onnx"], f"{where}.onnx", {"base_model": (str, None)})
+    if onnx["base_model"] is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", onnx["base_model"]):
+        raise SchemaError(f"`{where}.onnx.base_model` must be a Hub model id like CIDAS/clipseg-rd64, or null; found "
+                          f"{onnx['base_model']!r}")
     return Model(
         variant=variant,
         architecture=Architecture.from_mapping(model["architecture"], f"{where}.architecture"),
@@ -221,6 +240,27 @@ def _model(variant: str, data: Any) -> Model:
         expected=_expected(model["expected"], f"{where}.expected"),
         dtype=export["dtype"],
         synthetic=export["synthetic"],
+        base_model=onnx["base_model"],
+    )
+
+
+def _onnx(data: Any) -> Onnx:
+    onnx = check_mapping(data, "onnx", {"files": list, "atol": dict, "mask_agreement": dict})
+    files = onnx["files"]
+    unknown = [f for f in files if f not in ONNX_DTYPES]
+    if unknown or not files or len(set(files)) != len(files):
+        raise SchemaError(f"`onnx.files` is {files!r}; list the files to build, each once, from {list(ONNX_DTYPES)}")
+    check_mapping(onnx["atol"], "onnx.atol", dict.fromkeys(ONNX_ROUNDED, float))
+    check_mapping(onnx["mask_agreement"], "onnx.mask_agreement", dict.fromkeys(ONNX_ROUNDED, float))
+    for dtype in ONNX_ROUNDED:
+        at_least(onnx["atol"][dtype], 0, f"onnx.atol.{dtype}")
+        share = onnx["mask_agreement"][dtype]
+        if not 0 <= share <= 1:
+            raise SchemaError(f"`onnx.mask_agreement.{dtype}` is {share!r}; give a share of pixels from 0 to 1")
+    return Onnx(
+        files=tuple(d for d in ONNX_DTYPES if d in files),
+        atol={d: float(onnx["atol"][d]) for d in ONNX_ROUNDED},
+        mask_agreement={d: float(onnx["mask_agreement"][d]) for d in ONNX_ROUNDED},
     )
 
 
@@ -234,7 +274,8 @@ def parse(data: Any) -> Params:
 
 def _parse(data: Any) -> Params:
     top = check_mapping(
-        data, TOP_LEVEL, {"variants": list, "download": dict, "processor": dict, "verify": dict, "export": dict, "models": dict}
+        data, TOP_LEVEL,
+        {"variants": list, "download": dict, "processor": dict, "verify": dict, "export": dict, "onnx": dict, "models": dict},
     )
     down = check_mapping(top["download"], "download", {"timeout_s": float, "retries": int, "max_bytes": int, "max_member_bytes": int})
     at_least(down["timeout_s"], 1e-3, "download.timeout_s", "a positive number of seconds")
@@ -258,6 +299,7 @@ def _parse(data: Any) -> Params:
     check_mapping(exp["atol"], "export.atol", dict.fromkeys(DTYPES, float))
     for dtype in DTYPES:
         at_least(exp["atol"][dtype], 0, f"export.atol.{dtype}")
+    onnx = _onnx(top["onnx"])
     if not top["models"]:
         raise SchemaError("`models` is empty; describe at least one variant there")
     models = {variant: _model(variant, value) for variant, value in top["models"].items()}
@@ -284,6 +326,7 @@ def _parse(data: Any) -> Params:
             atol=float(ver["atol"]), rtol=float(ver["rtol"]), threads=ver["threads"], reference_dtype=ver["reference_dtype"]
         ),
         export_atol={k: float(v) for k, v in exp["atol"].items()},
+        onnx=onnx,
         models=models,
     )
 

@@ -45,7 +45,7 @@ PROJECT_FILES = (
     "data/synthetic",
 )
 VARIANT = "clipseg-tiny"
-STAGES = ("download", "remap-weights", "build-model", "verify-outputs", "verify-usage", "export")
+STAGES = ("download", "remap-weights", "build-model", "verify-outputs", "verify-usage", "export", "export-onnx")
 # Where the pipeline writes, per variant (plus dvc.lock): what "the same bytes" is about.
 OUTPUT_DIRS = ("data/{v}", "outputs/{v}", "metrics/{v}", "reports/{v}")
 # A cold `dvc repro` of one tiny variant takes about a minute on 2 cores, nearly all of it importing torch and

@@ -48,6 +48,18 @@ class TinyPipeline:
         return self.root / "outputs" / VARIANT / "hf"
 
     @property
+    def onnx(self) -> Path:
+        return self.root / "outputs" / VARIANT / "onnx"
+
+    def onnx_argv(self, out: Path, report: Path, params: Path | None = None) -> list[str]:
+        """stages.export_onnx's command line, as dvc.yaml writes it, to export this run's model again elsewhere."""
+        return [
+            "--variant", VARIANT, "--params", str(params or self.params), "--model", str(self.model), "--hf", str(self.export),
+            "--reference", str(self.reference), "--verify-report", str(self.report("verify")), "--out", str(out),
+            "--metrics", str(report.with_name(f"{report.stem}.metrics.json")), "--report", str(report),
+        ]
+
+    @property
     def prompts(self) -> list[str]:
         """The prompts verify-outputs ran the models on (the reference's token ids are theirs)."""
         return yaml.safe_load(self.params.read_text(encoding="utf-8"))["models"][VARIANT]["verify"]["prompts"]
@@ -96,8 +108,8 @@ def write_params(path: Path, *, dtype: str = "float32", sources: dict | None = N
 
 
 def run_pipeline(root: Path) -> TinyPipeline:
-    """download -> remap-weights -> build-model -> verify-outputs -> export, as dvc.yaml chains them."""
-    from stages import build_model, download, export, remap_weights, verify_outputs
+    """download -> remap-weights -> build-model -> verify-outputs -> export -> export-onnx, as dvc.yaml chains them."""
+    from stages import build_model, download, export, export_onnx, remap_weights, verify_outputs
 
     run = TinyPipeline(root=root, params=write_params(root / "params.yaml"))
     common = ["--variant", VARIANT, "--params", str(run.params)]
@@ -118,6 +130,8 @@ def run_pipeline(root: Path) -> TinyPipeline:
             raise RuntimeError(f"the tiny pipeline failed at {stage.__name__}; see the error above")
     if export.main(run.export_argv(run.export, run.report("export"))) != 0:
         raise RuntimeError("the tiny pipeline failed at stages.export; see the error above")
+    if export_onnx.main(run.onnx_argv(run.onnx, run.report("onnx"))) != 0:
+        raise RuntimeError("the tiny pipeline failed at stages.export_onnx; see the error above")
     return run
 
 

@@ -296,3 +296,39 @@ def test_params_yaml_is_kept_in_the_layout_dvc_writes(tmp_path):
     assert changed_lines("models.clipseg-tiny.export.dtype=float16") == [
         "-    export: {dtype: float32, synthetic: true}", "+    export: {dtype: float16, synthetic: true}"]
     assert changed_lines("variants=[clipseg-rd64]") == ["-- clipseg-tiny", "+- clipseg-rd64"]
+
+
+# --- onnx ------------------------------------------------------------------------------------------
+
+
+def test_onnx_settings_parse():
+    parsed = params.parse(PUBLISHED)
+    assert parsed.onnx.files == ("fp32", "fp16", "q8")
+    assert set(parsed.onnx.atol) == set(parsed.onnx.mask_agreement) == {"fp16", "q8"}
+    assert parsed.model("clipseg-rd64").base_model == "CIDAS/clipseg-rd64"
+    assert parsed.model("clipseg-tiny").base_model is None
+
+
+@pytest.mark.parametrize("files", [["fp8"], [], ["q8", "q8"]])
+def test_onnx_files_must_be_transformers_js_dtypes_each_once(files):
+    refused(edited("onnx.files", files), r"`onnx.files` is .*; list the files to build, each once, from \['fp32', 'fp16', 'q8'\]")
+
+
+def test_onnx_files_are_built_in_a_fixed_order():
+    assert params.parse(edited("onnx.files", ["q8", "fp32"])).onnx.files == ("fp32", "q8")
+
+
+def test_onnx_mask_agreement_is_a_share():
+    refused(edited("onnx.mask_agreement.q8", 99.0), r"`onnx.mask_agreement.q8` is 99.0; give a share of pixels from 0 to 1")
+
+
+def test_onnx_tolerance_for_each_rounded_dtype():
+    refused(edited("onnx.atol.fp16", delete=True), r"onnx.atol")
+
+
+def test_onnx_base_model_is_a_hub_id_or_null():
+    refused(edited(f"{TINY}.onnx.base_model", "not an id"), r"`models.clipseg-tiny.onnx.base_model` must be a Hub model id")
+
+
+def test_every_variant_needs_its_onnx_settings():
+    refused(edited(f"{TINY}.onnx", delete=True), r"onnx")

@@ -133,13 +133,14 @@ def test_verify_setting_reruns_only_verify_outputs(verify_setting_repro):
     # verify.rtol (how intermediates are judged) reruns verify-outputs of every variant; its outputs come out the same
     # bytes, so nothing downstream reruns. (verify.atol would rerun export too: the model card quotes the tolerance.)
     assert sorted(verify_setting_repro.ran) == sorted(stage_names(VARIANT, ("verify-outputs",)) + stage_names(SERVED, ("verify-outputs",))), verify_setting_repro.output
-    others = ("download", "remap-weights", "build-model", "verify-usage", "export")
+    others = ("download", "remap-weights", "build-model", "verify-usage", "export", "export-onnx")
     assert sorted(verify_setting_repro.skipped) == sorted(stage_names(VARIANT, others) + stage_names(SERVED, others))
 
 
 def test_one_variants_setting_leaves_the_other_variants_stages_untouched(pipeline, one_variant_repro):
-    # The prompts: verify-outputs, verify-usage (its batch takes the first two) and export (its card quotes them).
-    assert sorted(one_variant_repro.ran) == sorted(stage_names(SERVED, ("verify-outputs", "verify-usage", "export"))), one_variant_repro.output
+    # The prompts: verify-outputs, verify-usage (its batch takes the first two), export (its card quotes them) and
+    # export-onnx (it checks its files on verify-outputs' prompts).
+    assert sorted(one_variant_repro.ran) == sorted(stage_names(SERVED, ("verify-outputs", "verify-usage", "export", "export-onnx"))), one_variant_repro.output
     assert set(stage_names(VARIANT)) <= set(one_variant_repro.skipped)
     masks = sorted(p.name for p in (pipeline.project.root / "outputs" / SERVED / "verify" / "masks").iterdir())
     assert len(masks) == 3 and "dog" in masks[-1], masks

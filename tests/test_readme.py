@@ -83,7 +83,7 @@ def test_the_segment_command_runs_as_written(tiny_pipeline, tmp_path):  # noqa: 
 
 
 def test_the_python_snippet_runs_as_written(tiny_pipeline):  # noqa: F811
-    (snippet,) = code_blocks("python")
+    (snippet,) = [block for block in code_blocks("python") if "CLIPSegForImageSegmentation" in block]
     done = subprocess.run([sys.executable, "-c", snippet + "\nprint(type(model).__name__, type(processor).__name__)"],
                           cwd=tiny_pipeline.root, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
