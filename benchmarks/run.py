@@ -65,11 +65,20 @@ TARGETS = {
     "rss_vs_baseline": {"remap-weights": 0.5, "export": 0.5, "build-model": 0.75, "verify-outputs": 0.75},
     "noop_s": 2.0,  # seconds, strictly below
     "export_change": 0.6,  # x baseline end-to-end
+    "onnx_fp32_latency": 0.5,  # x baseline forward (1 image x 4 prompts here, the image repeated 4 times there)
+    "onnx_q8_latency": 0.6,  # x the float32 file's latency
+    "onnx_rss": 2.0,  # export-onnx's peak RSS, x baseline peak
 }
 # Export-only changes measured by default, in this order: a setting that keeps the float32 export (its tolerance, which
 # the report and model card quote), then a dtype change, which writes the bfloat16 file and reads it back to run its
 # weights (in float32) through the reference forward pass against verify-outputs' reference outputs.
 EXPORT_CHANGES = ("export.atol.float32=0.0002", f"models.{VARIANT}.export.dtype=bfloat16")
+# The conversion and its proof, what the baseline (the old one-shot script) does: measured alone every round, and as a
+# cold `dvc repro export@<variant>`. The other stages (verify-usage, export-onnx) go beyond it and are measured alone
+# once, after the rounds.
+CONVERSION = ("download", "remap-weights", "build-model", "verify-outputs", "export")
+# The published transformers.js files of a CLIPSeg ViT-B/16 model, in bytes: the ONNX files may be no larger.
+PUBLISHED_ONNX_BYTES = {"fp32": 545_000_000, "fp16": 273_000_000, "q8": 139_000_000}
 # A stage measured once more per round with one setting changed from params.yaml's default, to show what that
 # setting costs: verify-outputs with a float32 reference (half the reference's time; its bytes follow the CPU).
 ALTERNATIVE = ("verify-outputs", "verify.reference_dtype", "float32")
@@ -395,7 +404,8 @@ def evaluate(results: dict) -> list[dict]:
                         "verdict": verdict(value, limit, strict), "note": note})
 
     cold = results["dvc"].get("cold_repro", {})
-    add("pipeline cold (dvc repro) / baseline end-to-end", ratio(cold.get("wall_s"), base["wall_s"]), TARGETS["pipeline_cold"], "x")
+    add("conversion cold (dvc repro export@rd64) / baseline end-to-end", ratio(cold.get("wall_s"), base["wall_s"]),
+        TARGETS["pipeline_cold"], "x")
     for stage, limit in TARGETS["work_vs_floor"].items():
         add(f"{stage} work / I/O floor", ratio(rows.get(stage, {}).get("work_s"), floor["save_s"]), limit, "x")
     for stage, limit in TARGETS["work_vs_forward"].items():
@@ -409,6 +419,16 @@ def evaluate(results: dict) -> list[dict]:
     noop = results["dvc"].get("noop_published") or results["dvc"].get("noop_rd64") or {}
     add(f"no-op dvc repro ({', '.join(noop.get('variants', [])) or 'not run'})", noop.get("median_s"), TARGETS["noop_s"], "s", strict=True,
         note="" if noop.get("variants") == list(PUBLISHED) else "only rd64 measured; the target is for the three published variants")
+    onnx, beyond = results.get("onnx", {}), results.get("beyond", {})
+    if onnx:
+        add("onnxruntime fp32, 1 image x 4 prompts / baseline forward", ratio(onnx["fp32"]["latency_s"], base["forward_s"]),
+            TARGETS["onnx_fp32_latency"], "x")
+        add("onnxruntime q8 / fp32 latency", ratio(onnx["q8"]["latency_s"], onnx["fp32"]["latency_s"]), TARGETS["onnx_q8_latency"], "x")
+        for dtype, limit in PUBLISHED_ONNX_BYTES.items():
+            add(f"ONNX {dtype} file / the published transformers.js file", ratio(onnx[dtype]["bytes"], limit), 1.0, "x")
+    if "export-onnx" in beyond:
+        add("export-onnx peak RSS / baseline peak", ratio(beyond["export-onnx"]["peak_rss_mb"], base["peak_rss_mb"]),
+            TARGETS["onnx_rss"], "x", note=f"wall {beyond['export-onnx']['wall_s']:.1f} s")
     for change in results["dvc"].get("export_changes", []):
         add(f"export-only change ({change['change'].split('.', 1)[-1] if change['change'].startswith('models.') else change['change']})"
             " / baseline end-to-end", ratio(change["wall_s"], base["wall_s"]),
@@ -434,7 +454,10 @@ def docs_table(results: dict) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {stage} | {fmt(row['wall_s'])} | {fmt(row['startup_s'])} | {fmt(row['work_s'])} | {row['peak_rss_mb']:.0f} |"
-              for stage, row in rows.items()]
+              for stage, row in {**rows, **results.get("beyond", {})}.items()]
+    if results.get("onnx"):
+        lines += ["", "| ONNX file | MB | onnxruntime, 1 image x 4 prompts, s |", "|---|---|---|"]
+        lines += [f"| {dtype} | {r['bytes'] / 1e6:.1f} | {r['latency_s']:.3f} |" for dtype, r in results["onnx"].items()]
     lines += ["", "| target | figure | limit | verdict |", "|---|---|---|---|"]
     for t in results["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
@@ -491,6 +514,12 @@ def report(results: dict) -> None:
         print(f"{alt['stage']} with {alt['setting']} (not the default): wall {alt['wall_s']:.2f} s, start {fmt(alt['startup_s'])} s, "
               f"work {fmt(alt['work_s'])} s = {fmt(ratio(alt['work_s'], base['forward_s']))}x baseline forward, "
               f"RSS {alt['peak_rss_mb']:.0f} MB")
+
+    for stage, row in results.get("beyond", {}).items():
+        print(f"{stage} (beyond the conversion, alone): wall {row['wall_s']:.2f} s, start {fmt(row['startup_s'])} s, "
+              f"work {fmt(row['work_s'])} s, RSS {row['peak_rss_mb']:.0f} MB")
+    for dtype, r in results.get("onnx", {}).items():
+        print(f"ONNX {dtype}: {r['bytes'] / 1e6:.1f} MB, onnxruntime 1 image x 4 prompts {r['latency_s']:.3f} s")
 
     print("\n== DVC ==")
     dvc = results["dvc"]
@@ -599,6 +628,8 @@ def benchmark(work: Path, args: argparse.Namespace, results: dict) -> dict:
         direct = {}
         outputs = stage_outputs(root, VARIANT)
         for stage, cmd in stage_commands(root, VARIANT):
+            if stage not in CONVERSION:
+                continue
             # As DVC does before it runs a stage (untimed): its outputs are removed, so the stage writes new files
             # rather than replacing the last round's (freeing 600 MB of an old file inside the timed run).
             remove_outputs(outputs[stage])
@@ -616,7 +647,7 @@ def benchmark(work: Path, args: argparse.Namespace, results: dict) -> dict:
 
         print(f"dvc repro{suffix}")
         reset_outputs(root)
-        run = dvc_run(runner, "dvc repro (cold)", ["repro"], root, 900)
+        run = dvc_run(runner, "dvc repro (cold, the conversion)", ["repro", f"export@{VARIANT}"], root, 900)
         stages = by_stage(run.timings)
         startup, work_s = sum(r["startup_s"] for r in stages.values()), sum(r["work_s"] for r in stages.values())
         colds.append({"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "stages": stages,
@@ -629,6 +660,20 @@ def benchmark(work: Path, args: argparse.Namespace, results: dict) -> dict:
     results["alternative"] = {"stage": stage, "setting": f"{key}={value}"} | min(alternatives, key=lambda r: r["wall_s"])
     dvc["cold_repro"] = min(colds, key=lambda c: c["wall_s"])
     results["rounds"] = {"baseline": baselines, "floor": floors, "stages": directs, "cold_repro": colds, "alternative": alternatives}
+
+    print("the stages beyond the conversion, each alone, once")
+    outputs = stage_outputs(root, VARIANT)
+    beyond = {}
+    for stage, cmd in stage_commands(root, VARIANT):
+        if stage not in CONVERSION:
+            remove_outputs(outputs[stage])
+            beyond[stage] = runner.run(f"stage {stage}", ["/bin/sh", "-c", cmd], root, 3 * STAGE_TIMEOUT_S, timings=True)
+    results["beyond"] = stage_rows(beyond)
+    latency = work / "onnx-latency.json"
+    runner.run("onnx latency", [py, str(HERE / "onnx_latency.py"), "--folder", str(root / "outputs" / VARIANT / "onnx"),
+                                "--reference", str(root / "outputs" / VARIANT / "verify" / "reference.safetensors"),
+                                "--report", str(latency)], root, 600)
+    results["onnx"] = json.loads(latency.read_text(encoding="utf-8"))
 
     def noop(key: str, variants: list[str]) -> None:
         runs = [dvc_run(runner, f"dvc repro (no-op, {len(variants)} variant(s), #{i + 1})", ["repro"], root, 300) for i in range(args.noop_runs)]

@@ -1,7 +1,7 @@
 """export-onnx: the verified model -> an ONNX model folder that onnxruntime and transformers.js load as it is.
 
 Writes onnx/model.onnx (float32), onnx/model_fp16.onnx and onnx/model_quantized.onnx (8-bit weights), as params
-onnx.files selects, with config.json, preprocessor_config.json and tokenizer_config.json (export's), tokenizer.json
+onnx.files selects, with config.json, preprocessor_config.json and tokenizer_config.json (as export writes them), tokenizer.json
 (the fast tokenizer, from the same vocab.json and merges.txt) and README.md (the card). onnxruntime runs every file on
 verify-outputs' inputs, one image for all prompts and one image per prompt, and every logit is compared with the
 reference's: float32 within verify.atol, fp16 and q8 within onnx.atol and onnx.mask_agreement. The folder is assembled
@@ -19,6 +19,7 @@ from clipseg_pipeline import onnx_card
 from clipseg_pipeline import onnx_export as ox
 from clipseg_pipeline import params as params_mod
 from clipseg_pipeline.converted_model import load_model
+from clipseg_pipeline.hf_export import export_config, preprocessor_config, tokenizer_config
 from clipseg_pipeline.inputs import tokenizer
 from clipseg_pipeline.model_card import project_version
 from clipseg_pipeline.recording import FIGURE_DIGITS, print_figures, recorded
@@ -26,8 +27,6 @@ from clipseg_pipeline.runner import exit_now, run_stage, stage_parser
 from clipseg_pipeline.tensor_io import TensorFile, atomic_output, round_figure, sha256_file, write_json
 
 STAGE = "export-onnx"
-# export's files that transformers.js reads as they are (config.json is copied with its dtype set to float32).
-COPIED = ("preprocessor_config.json", "tokenizer_config.json")
 
 
 def measured(check: ox.FileCheck, dtype: str) -> dict:
@@ -43,7 +42,7 @@ def measured(check: ox.FileCheck, dtype: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("python -m stages.export_onnx", __doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="build-model's directory (the float32 weights)")
-    parser.add_argument("--hf", type=Path, required=True, help="export's folder (config, processor and tokenizer files)")
+    parser.add_argument("--original", type=Path, required=True, help="download's folder (the tokenizer files)")
     parser.add_argument("--reference", type=Path, required=True, help="verify-outputs' reference.safetensors")
     parser.add_argument("--verify-report", type=Path, required=True, help="verify-outputs' report")
     parser.add_argument("--out", type=Path, required=True, help="the ONNX model folder to write")
@@ -69,21 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "onnx").mkdir(parents=True)
 
-        config = json.loads((args.hf / "config.json").read_text(encoding="utf-8"))
-        write_json(staging / "config.json", {**config, "dtype": "float32"})
-        for name in COPIED:
-            shutil.copyfile(args.hf / name, staging / name)
+        # The same side files as export's folder, written from the same inputs (not copied from it: a change of the
+        # export's dtype or tolerance does not make these graphs again).
+        config = json.loads((args.model / "config.json").read_text(encoding="utf-8"))
+        write_json(staging / "config.json", export_config(config, "float32"))
+        proc = params.processor
+        write_json(staging / "preprocessor_config.json",
+                   preprocessor_config(proc.image_size, list(proc.image_mean), list(proc.image_std)))
+        write_json(staging / "tokenizer_config.json", tokenizer_config())
         with atomic_output(staging / "tokenizer.json", "w") as handle:
-            handle.write(ox.tokenizer_json(tokenizer(args.hf)))
+            handle.write(ox.tokenizer_json(tokenizer(args.original)))
         ox.check_tokenizer(staging, reference, list(model_params.prompts))
 
         # The float32 graph is the source of the others; kept only when it is one of the files asked for.
         float32_path = staging / ox.FILES["fp32"] if "fp32" in settings.files else staging / ".work" / "model.onnx"
-        proto = ox.export_float32(load_model(args.model), reference)
-        ox.write_model(proto, float32_path)
+        ox.write_model(ox.export_float32(load_model(args.model), reference), float32_path)
         if "fp16" in settings.files:
-            ox.write_model(ox.to_float16(proto), staging / ox.FILES["fp16"])
-        del proto
+            ox.write_model(ox.to_float16(float32_path), staging / ox.FILES["fp16"])
         if "q8" in settings.files:
             ox.quantize_q8(float32_path, staging / ox.FILES["q8"], staging / ".work" / "quantized.onnx")
         shutil.rmtree(staging / ".work", ignore_errors=True)

@@ -54,7 +54,7 @@ class TinyPipeline:
     def onnx_argv(self, out: Path, report: Path, params: Path | None = None) -> list[str]:
         """stages.export_onnx's command line, as dvc.yaml writes it, to export this run's model again elsewhere."""
         return [
-            "--variant", VARIANT, "--params", str(params or self.params), "--model", str(self.model), "--hf", str(self.export),
+            "--variant", VARIANT, "--params", str(params or self.params), "--model", str(self.model), "--original", str(self.original),
             "--reference", str(self.reference), "--verify-report", str(self.report("verify")), "--out", str(out),
             "--metrics", str(report.with_name(f"{report.stem}.metrics.json")), "--report", str(report),
         ]

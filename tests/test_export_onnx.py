@@ -170,3 +170,10 @@ def test_a_variant_with_one_prompt_exports_a_graph_for_any_number_of_prompts(tin
     (logits,) = session.run(["logits"], feeds)
     assert logits.shape == (len(stored["input_ids"]), 352, 352)
     assert np.abs(logits - stored["logits"]).max() < 1e-4
+
+
+def test_the_side_files_are_exports_own(tiny_pipeline):  # noqa: F811
+    # Written from the same inputs rather than copied: they must come out as export writes them (its config.json with
+    # the float32 dtype, as the float32 export's is).
+    for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        assert (tiny_pipeline.onnx / name).read_bytes() == (tiny_pipeline.export / name).read_bytes(), name
