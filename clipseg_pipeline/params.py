@@ -14,13 +14,19 @@ from .errors import PipelineError
 from .schema import TOP_LEVEL, SchemaError, at_least, check_mapping, is_kind
 
 PARAMS_FILE = Path("params.yaml")
-SOURCE_NAMES_REQUIRED = ("clip", "decoder", "image")
+SOURCE_NAMES_REQUIRED = ("image",)
+# The weights come either as OpenAI's CLIP file + a decoder file, or as one whole original model's state_dict()
+# (`checkpoint`: CLIP under `clip_model.`, the decoder beside it).
+WEIGHT_SOURCES = (("clip", "decoder"), ("checkpoint",))
 # Tokenizer files come either as Hugging Face's vocab.json + merges.txt, or as CLIP's bpe_simple_vocab_16e6.txt.gz.
 TOKENIZER_SOURCES = (("vocab", "merges"), ("bpe",))
 DTYPES = ("float32", "float16", "bfloat16")
 # The reference's working precision in verify-outputs. float64: its outputs and pictures are the same bytes on every
 # CPU. float32: half the reference's time, but their last bits then follow the CPU's instruction set (see README).
 REFERENCE_DTYPES = ("float64", "float32")
+# The settings a checkpoint's tensors cannot tell (clipseg_pipeline.inference): a variant lists under `assumed` those
+# it took from the original code's defaults rather than from its author, and its reports and model card name them.
+ASSUMABLE = ("decoder_num_attention_heads", "extract_layers", "conditional_layer")
 
 
 class ParamsError(PipelineError):
@@ -58,6 +64,7 @@ class Model:
     expected: Expected | None
     dtype: str
     synthetic: bool  # weights made by this project's generator, not a model to publish as one
+    assumed: tuple[str, ...] = ()  # architecture settings taken from the original code's defaults (ASSUMABLE)
 
 
 @dataclass(frozen=True)
@@ -128,13 +135,20 @@ def _source(name: str, data: Any, where: str) -> Source:
 def _sources(data: Any, where: str) -> dict[str, Source]:
     if not isinstance(data, dict):
         raise SchemaError(f"`{where}` must be a mapping of source name to {{url, sha256}}")
-    allowed = set(SOURCE_NAMES_REQUIRED) | {n for group in TOKENIZER_SOURCES for n in group}
+    allowed = set(SOURCE_NAMES_REQUIRED) | {n for groups in (WEIGHT_SOURCES, TOKENIZER_SOURCES) for g in groups for n in g}
     unknown = sorted(set(data) - allowed, key=str)
     if unknown:
         raise SchemaError(f"unknown source(s) {unknown} in `{where}`; allowed: {sorted(allowed)}")
     missing = [n for n in SOURCE_NAMES_REQUIRED if n not in data]
     if missing:
         raise SchemaError(f"`{where}` lacks the source(s) {missing}")
+    weights = [group for group in WEIGHT_SOURCES if any(n in data for n in group)]
+    if len(weights) != 1 or not all(n in data for n in weights[0]):
+        found = sorted(n for group in WEIGHT_SOURCES for n in group if n in data)
+        raise SchemaError(
+            f"`{where}` needs the weights in one form: either `clip` and `decoder` (OpenAI's CLIP file and a decoder "
+            f"file), or `checkpoint` (a whole original model's state_dict()); found {found or 'neither'}"
+        )
     if not any(all(n in data for n in group) for group in TOKENIZER_SOURCES):
         raise SchemaError(f"`{where}` needs tokenizer files: either `vocab` and `merges`, or `bpe`")
     return {name: _source(name, value, f"{where}.{name}") for name, value in sorted(data.items())}
@@ -193,9 +207,20 @@ def _prompts(data: Any, where: str) -> tuple[str, ...]:
     return tuple(data)
 
 
+def _assumed(data: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(data, list) or any(name not in ASSUMABLE for name in data) or len(set(data)) != len(data):
+        raise SchemaError(
+            f"`{where}` must list, once each, the settings taken from the original code's defaults, among "
+            f"{list(ASSUMABLE)} ([] when every setting is known), found {data!r}"
+        )
+    return tuple(data)
+
+
 def _model(variant: str, data: Any) -> Model:
     where = f"models.{variant}"
-    model = check_mapping(data, where, {"architecture": dict, "sources": dict, "verify": dict, "expected": (dict, None), "export": dict})
+    model = check_mapping(data, where, {
+        "architecture": dict, "sources": dict, "assumed": list, "verify": dict, "expected": (dict, None), "export": dict,
+    })
     verify = check_mapping(model["verify"], f"{where}.verify", {"prompts": list})
     export = check_mapping(model["export"], f"{where}.export", {"dtype": str, "synthetic": bool})
     if export["dtype"] not in DTYPES:
@@ -208,6 +233,7 @@ def _model(variant: str, data: Any) -> Model:
         expected=_expected(model["expected"], f"{where}.expected"),
         dtype=export["dtype"],
         synthetic=export["synthetic"],
+        assumed=_assumed(model["assumed"], f"{where}.assumed"),
     )
 
 
