@@ -350,3 +350,12 @@ def test_infer_is_a_pure_function_of_the_tensors():
     inferred = inference.infer(tensors)
     assert inferred.architecture.to_mapping() == a and inferred.assumed == tuple(ALL_ASSUMED)
     assert inference.infer(tensors, {"extract_layers": (1, 2, 3)}).assumed == ("decoder_num_attention_heads", "conditional_layer")
+
+
+def test_a_file_another_variant_pinned_keeps_its_pin(project):
+    files = write_pair(project, arch(), clip="torchscript")
+    assert project.add("first", *files) == 0
+    # The second decoder shares the TorchScript CLIP: its pin in params.yaml is the one given for the first.
+    synthetic.write_state_dict(synthetic.decoder_state_dict(arch(), SEED + 1), project.files / "other.pth")
+    assert project.add("second", "--clip", "files/clip.pt", "--decoder", "files/other.pth") == 0
+    assert project.section("second")["sources"]["clip"] == project.section("first")["sources"]["clip"]

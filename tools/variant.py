@@ -62,18 +62,23 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected block indices separated by commas, like 3,6,9; found {text!r}") from None
 
 
-def _wanted(args: argparse.Namespace, root: Path) -> dict[str, tuple[str, str | None, str | None]]:
-    """Each source: (url as recorded, the pin it must match or None, the zip member or None)."""
+def _wanted(args: argparse.Namespace, root: Path, current: params_mod.Params) -> dict[str, tuple[str, str | None, str | None]]:
+    """Each source: (url as recorded, the pin it must match or None, the zip member or None).
+
+    A URL another variant pinned keeps that pin: a shared file (one CLIP for many decoders) is then found in the
+    download cache, checked, and not fetched again."""
+    pins = {s.url: s.sha256 for model in current.models.values() for s in model.sources.values() if s.sha256}
     weights = {"checkpoint": args.checkpoint} if args.checkpoint else {"clip": args.clip, "decoder": args.decoder}
-    wanted = {name: (_recorded(value, root), None, None) for name, value in weights.items()}
+    wanted = {name: (url := _recorded(value, root), pins.get(url), None) for name, value in weights.items()}
     weight = "checkpoint" if args.checkpoint else "decoder"
     wanted[weight] = (wanted[weight][0], None, args.member)
     if "clip" in wanted:
         match = OPENAI_CLIP_URL.fullmatch(wanted["clip"][0])
-        wanted["clip"] = (wanted["clip"][0], args.clip_sha256 or (match and match.group(1)), None)
+        wanted["clip"] = (wanted["clip"][0], args.clip_sha256 or (match and match.group(1)) or wanted["clip"][1], None)
     for name, default in PUBLISHED_SIDE_SOURCES.items():
         given = getattr(args, name)
-        wanted[name] = (_recorded(given, root) if given else default, None, None)
+        url = _recorded(given, root) if given else default
+        wanted[name] = (url, pins.get(url), None)
     return wanted
 
 
@@ -111,7 +116,7 @@ def add(args: argparse.Namespace) -> str:
     current = params_mod.load(args.params)
     if args.name in current.models:
         raise VariantError(f"{args.params}: models.{args.name} exists already; choose another name")
-    wanted = _wanted(args, root)
+    wanted = _wanted(args, root, current)
     policy = FetchPolicy(timeout_s=current.download.timeout_s, retries=current.download.retries,
                          max_bytes=current.download.max_bytes, progress=sys.stderr.isatty())
     fetched = _fetch_all(wanted, args, policy, root)
