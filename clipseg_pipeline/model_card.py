@@ -63,6 +63,7 @@ class CardInputs:
     transformers_version: str
     project_version: str
     synthetic: bool = False  # made by this project's generator: the card says so and names no third-party licence
+    assumed: Sequence[str] = ()  # architecture settings taken from the original code's defaults, not from the files
 
 
 TEMPLATE = """---
@@ -119,6 +120,13 @@ for prompt, mask in zip(prompts, masks):
 {%- for name, value in settings %}
 | {{ name }} | {{ value }} |
 {%- endfor %}
+{%- if assumed %}
+
+**Assumed settings: {{ assumed }}.** The checkpoint's tensors do not tell these; they were set to the original CLIPSeg
+code's defaults (see the table). A model trained with other values computes wrong masks although it passed
+verification, which runs the same settings on both sides: if you know the values it was trained with, set them in
+the variant's architecture and convert it again.
+{%- endif %}
 
 Preprocessing (`preprocessor_config.json`): resize to {{ image_size }}x{{ image_size }} (bilinear, no crop), rescale
 1/255, normalize with mean {{ image_mean }} and std {{ image_std }}. Text: CLIP's byte-level BPE, at most 77 tokens.
@@ -267,6 +275,7 @@ def render(card: CardInputs) -> str:
         snippet_image=SNIPPET_IMAGE,
         snippet_prompts=repr(list(SNIPPET_PROMPTS)),
         settings=settings(card.architecture),
+        assumed=", ".join(f"`{name}`" for name in card.assumed),
         image_size=card.image_size,
         image_mean=list(card.image_mean),
         image_std=list(card.image_std),

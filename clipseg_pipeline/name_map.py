@@ -20,7 +20,7 @@ import numpy as np
 
 from .architecture import Architecture
 from .errors import PipelineError
-from .original import CLIP_SCALARS
+from .original import CLIP_SCALARS, FULL_MODEL_PREFIX
 from .tensor_io import LazyTensors, Spec, TensorFile, numpy_dtype, stored_dtype
 # A torch tensor or a numpy array: the surgery below uses only what both have (shape, slicing, .T).
 Tensor = Any
@@ -137,10 +137,6 @@ RULES: tuple[Rule, ...] = (
     _drop(r"reduce\.(weight|bias)",              "a layer the original decoder defines but its forward pass never uses"),
     _drop(rf"({'|'.join(CLIP_SCALARS)})",        "a scalar setting stored in OpenAI's archive, not a weight; checked against the architecture"),
 )  # fmt: skip
-
-# A full in-memory original model's state_dict() prefixes the CLIP keys with this.
-FULL_MODEL_PREFIX = "clip_model."
-
 
 @dataclass(frozen=True)
 class Report:

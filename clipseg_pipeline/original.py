@@ -1,4 +1,5 @@
-"""Readers for the original CLIPSeg files: OpenAI's CLIP archive, the decoder .pth and the zip that carries it.
+"""Readers for the original CLIPSeg files: OpenAI's CLIP archive, the decoder .pth and the zip that carries it, and a
+whole original model's state_dict() (CLIP and decoder in one file).
 
 Trust boundary: a decoder .pth and a plain CLIP state dict are read with `torch.load(weights_only=True)`, which never
 runs pickled code, and only in torch's zip format, after the archive's unpacked size was checked against a bound (the
@@ -28,6 +29,13 @@ CLIP_SCALARS = ("input_resolution", "context_length", "vocab_size")
 # Telltale keys that say which file we hold.
 CLIP_TELLTALE = "visual.conv1.weight"
 DECODER_TELLTALE = "film_mul.weight"
+# A whole original model's state_dict() holds CLIP under this prefix (the model's `clip_model` attribute).
+FULL_MODEL_PREFIX = "clip_model."
+FULL_MODEL_TELLTALE = FULL_MODEL_PREFIX + CLIP_TELLTALE
+USE_CHECKPOINT = (
+    "it is a whole CLIPSeg model's state_dict(), CLIP and decoder in one file: give it as the `checkpoint` source in "
+    "place of `clip` and `decoder`"
+)
 # What describe() calls the two zip layouts torch writes.
 TORCHSCRIPT = "a TorchScript archive"
 STATE_DICT_ZIP = "a torch.save state dict"
@@ -211,6 +219,8 @@ def load_decoder(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
             "weights zip, set the decoder source's `member` in params.yaml to the .pth file to take from it"
         )
     state = load_state_dict(path, "the CLIPSeg decoder weights", max_bytes)
+    if FULL_MODEL_TELLTALE in state:
+        raise SourceFormatError(f"{path}: not a decoder alone: {USE_CHECKPOINT}")
     if DECODER_TELLTALE not in state:
         hint = " (it holds CLIP backbone keys: is the clip file configured as the decoder?)" if CLIP_TELLTALE in state else ""
         raise SourceFormatError(f"{path}: not a CLIPSeg decoder: no {DECODER_TELLTALE!r} among its keys{hint}")
@@ -246,5 +256,36 @@ def load_clip(path: Path, pinned: bool, max_bytes: int) -> dict[str, torch.Tenso
         )
     if CLIP_TELLTALE not in state:
         hint = " (it holds CLIPSeg decoder keys: is the decoder file configured as clip?)" if DECODER_TELLTALE in state else ""
+        if FULL_MODEL_TELLTALE in state:
+            hint = f" ({USE_CHECKPOINT})"
         raise SourceFormatError(f"{path}: not an OpenAI CLIP checkpoint: no {CLIP_TELLTALE!r} among its keys{hint}")
     return state
+
+
+def load_checkpoint(path: Path, max_bytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A whole original model's state_dict() -> (CLIP's tensors with the `clip_model.` prefix taken off, the rest).
+
+    The rest is the decoder and the `model.*` second copy of the vision tower, which remap-weights drops with its
+    reason. Read like a decoder file: a plain state dict only, never a TorchScript archive.
+    """
+    kind = describe(path)
+    if kind == TORCHSCRIPT:
+        raise SourceFormatError(
+            f"{path}: expected a whole CLIPSeg model's state_dict() (a torch.save state dict), found {kind}: OpenAI's "
+            "CLIP file goes in the `clip` source, with the decoder file as `decoder`"
+        )
+    state = load_state_dict(path, "a whole CLIPSeg model's state_dict()", max_bytes)
+    if FULL_MODEL_TELLTALE not in state or DECODER_TELLTALE not in state:
+        hint = ""
+        if CLIP_TELLTALE in state:
+            hint = " (it is a CLIP state dict alone: give it as `clip`, with the decoder file as `decoder`)"
+        elif DECODER_TELLTALE in state:
+            hint = (" (it is a decoder alone, as the original training.py saves one: give it as `decoder`, with OpenAI's "
+                    "CLIP file as `clip`)")
+        raise SourceFormatError(
+            f"{path}: not a whole CLIPSeg model's state_dict(): it needs both {FULL_MODEL_TELLTALE!r} and "
+            f"{DECODER_TELLTALE!r} among its keys{hint}"
+        )
+    clip = {name.removeprefix(FULL_MODEL_PREFIX): t for name, t in state.items() if name.startswith(FULL_MODEL_PREFIX)}
+    rest = {name: t for name, t in state.items() if not name.startswith(FULL_MODEL_PREFIX)}
+    return clip, rest

@@ -15,7 +15,10 @@ from .errors import PipelineError
 from .schema import TOP_LEVEL, SchemaError, at_least, check_mapping, is_kind
 
 PARAMS_FILE = Path("params.yaml")
-SOURCE_NAMES_REQUIRED = ("clip", "decoder", "image")
+SOURCE_NAMES_REQUIRED = ("image",)
+# The weights come either as OpenAI's CLIP file + a decoder file, or as one whole original model's state_dict()
+# (`checkpoint`: CLIP under `clip_model.`, the decoder beside it).
+WEIGHT_SOURCES = (("clip", "decoder"), ("checkpoint",))
 # Tokenizer files come either as Hugging Face's vocab.json + merges.txt, or as CLIP's bpe_simple_vocab_16e6.txt.gz.
 TOKENIZER_SOURCES = (("vocab", "merges"), ("bpe",))
 DTYPES = ("float32", "float16", "bfloat16")
@@ -26,6 +29,9 @@ REFERENCE_DTYPES = ("float64", "float32")
 ONNX_DTYPES = ("fp32", "fp16", "q8")
 # The lower-precision ones, whose tolerances params.yaml sets (float32's is verify.atol).
 ONNX_ROUNDED = ("fp16", "q8")
+# The settings a checkpoint's tensors cannot tell (clipseg_pipeline.inference): a variant lists under `assumed` those
+# it took from the original code's defaults rather than from its author, and its reports and model card name them.
+ASSUMABLE = ("decoder_num_attention_heads", "extract_layers", "conditional_layer")
 
 
 class ParamsError(PipelineError):
@@ -66,6 +72,7 @@ class Model:
     dtype: str
     synthetic: bool  # weights made by this project's generator, not a model to publish as one
     base_model: str | None  # the Hub model the ONNX export's card names as its base (None: none, e.g. synthetic)
+    assumed: tuple[str, ...] = ()  # architecture settings taken from the original code's defaults (ASSUMABLE)
 
 
 @dataclass(frozen=True)
@@ -144,13 +151,20 @@ def _source(name: str, data: Any, where: str) -> Source:
 def _sources(data: Any, where: str) -> dict[str, Source]:
     if not isinstance(data, dict):
         raise SchemaError(f"`{where}` must be a mapping of source name to {{url, sha256}}")
-    allowed = set(SOURCE_NAMES_REQUIRED) | {n for group in TOKENIZER_SOURCES for n in group}
+    allowed = set(SOURCE_NAMES_REQUIRED) | {n for groups in (WEIGHT_SOURCES, TOKENIZER_SOURCES) for g in groups for n in g}
     unknown = sorted(set(data) - allowed, key=str)
     if unknown:
         raise SchemaError(f"unknown source(s) {unknown} in `{where}`; allowed: {sorted(allowed)}")
     missing = [n for n in SOURCE_NAMES_REQUIRED if n not in data]
     if missing:
         raise SchemaError(f"`{where}` lacks the source(s) {missing}")
+    weights = [group for group in WEIGHT_SOURCES if any(n in data for n in group)]
+    if len(weights) != 1 or not all(n in data for n in weights[0]):
+        found = sorted(n for group in WEIGHT_SOURCES for n in group if n in data)
+        raise SchemaError(
+            f"`{where}` needs the weights in one form: either `clip` and `decoder` (OpenAI's CLIP file and a decoder "
+            f"file), or `checkpoint` (a whole original model's state_dict()); found {found or 'neither'}"
+        )
     if not any(all(n in data for n in group) for group in TOKENIZER_SOURCES):
         raise SchemaError(f"`{where}` needs tokenizer files: either `vocab` and `merges`, or `bpe`")
     return {name: _source(name, value, f"{where}.{name}") for name, value in sorted(data.items())}
@@ -219,10 +233,21 @@ def _boxes(data: list, where: str) -> tuple[tuple[int, int, int, int], ...]:
     return tuple(tuple(box) for box in data)
 
 
+def _assumed(data: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(data, list) or any(name not in ASSUMABLE for name in data) or len(set(data)) != len(data):
+        raise SchemaError(
+            f"`{where}` must list, once each, the settings taken from the original code's defaults, among "
+            f"{list(ASSUMABLE)} ([] when every setting is known), found {data!r}"
+        )
+    return tuple(data)
+
+
 def _model(variant: str, data: Any) -> Model:
     where = f"models.{variant}"
-    model = check_mapping(data, where, {"architecture": dict, "sources": dict, "verify": dict, "expected": (dict, None),
-                                        "export": dict, "onnx": dict})
+    model = check_mapping(data, where, {
+        "architecture": dict, "sources": dict, "assumed": list, "verify": dict, "expected": (dict, None), "export": dict,
+        "onnx": dict,
+    })
     verify = check_mapping(model["verify"], f"{where}.verify", {"prompts": list, "image_prompts": list})
     export = check_mapping(model["export"], f"{where}.export", {"dtype": str, "synthetic": bool})
     if export["dtype"] not in DTYPES:
@@ -241,6 +266,7 @@ def _model(variant: str, data: Any) -> Model:
         dtype=export["dtype"],
         synthetic=export["synthetic"],
         base_model=onnx["base_model"],
+        assumed=_assumed(model["assumed"], f"{where}.assumed"),
     )
 
 

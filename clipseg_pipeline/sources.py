@@ -17,8 +17,8 @@ import torch
 from .errors import PipelineError
 from .fetch import FetchPolicy, Fetched, fetch
 from .inputs import load_image
-from .original import extract_member, load_clip, load_decoder
-from .params import Download, Model
+from .original import extract_member, load_checkpoint, load_clip, load_decoder
+from .params import Download, Model, Source
 from .tokenizer import check_hf_files, hf_files, read_bpe_gz, vocab_from_merges
 
 
@@ -59,24 +59,33 @@ def check_finite(tensors: dict[str, torch.Tensor], origin: str) -> None:
         raise DownloadError(f"{origin}: tensor(s) with NaN or Inf values: {bad}. The checkpoint is damaged; fetch it again")
 
 
-def _origin(model: Model, name: str) -> str:
-    source = model.sources[name]
+def _origin(source: Source) -> str:
     member = f", member {source.member!r}" if source.member else ""
-    return f"source {name!r} ({source.url}{member})"
+    return f"source {source.name!r} ({source.url}{member})"
+
+
+def _unpacked(source: Source, fetched: Fetched, workdir: Path, bounds: Download) -> Path:
+    """The source's file, or its `member` taken out of the zip it is."""
+    if not source.member:
+        return fetched.path
+    return extract_member(fetched.path, source.member, workdir / source.member, bounds.max_member_bytes)
 
 
 def original_tensors(
-    model: Model, fetched: dict[str, Fetched], workdir: Path, bounds: Download
+    sources: dict[str, Source], fetched: dict[str, Fetched], workdir: Path, bounds: Download
 ) -> dict[str, torch.Tensor]:
-    """The CLIP and decoder tensors under their original names, in their original dtypes."""
-    clip = load_clip(fetched["clip"].path, pinned=fetched["clip"].pinned, max_bytes=bounds.max_bytes)
-    check_finite(clip, _origin(model, "clip"))
-    decoder_file = fetched["decoder"].path
-    member = model.sources["decoder"].member
-    if member:
-        decoder_file = extract_member(decoder_file, member, workdir / member, bounds.max_member_bytes)
-    decoder = load_decoder(decoder_file, max_bytes=bounds.max_bytes)
-    check_finite(decoder, _origin(model, "decoder"))
+    """The CLIP and decoder tensors under their original names, in their original dtypes: from OpenAI's CLIP file and a
+    decoder file, or from one whole model's state_dict() (`checkpoint`, its CLIP keys' `clip_model.` prefix removed)."""
+    if "checkpoint" in sources:
+        source = sources["checkpoint"]
+        clip, decoder = load_checkpoint(_unpacked(source, fetched["checkpoint"], workdir, bounds), bounds.max_bytes)
+        clip_origin = decoder_origin = _origin(source)
+    else:
+        clip = load_clip(fetched["clip"].path, pinned=fetched["clip"].pinned, max_bytes=bounds.max_bytes)
+        decoder = load_decoder(_unpacked(sources["decoder"], fetched["decoder"], workdir, bounds), bounds.max_bytes)
+        clip_origin, decoder_origin = _origin(sources["clip"]), _origin(sources["decoder"])
+    check_finite(clip, clip_origin)
+    check_finite(decoder, decoder_origin)
     clash = sorted(clip.keys() & decoder.keys())
     if clash:
         raise DownloadError(f"the CLIP and decoder files share key(s) {clash}; is the same file configured twice?")

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
         )
         fetched = fetch_all(model, policy, args.cache, Path.cwd())
-        tensors = original_tensors(model, fetched, args.cache / "extracted" / args.variant, params.download)
+        tensors = original_tensors(model.sources, fetched, args.cache / "extracted" / args.variant, params.download)
         files = side_files(model, fetched, params.download.max_member_bytes)
         # Every source is checked: only now is anything written to the output folder.
         for filename, content in files.items():

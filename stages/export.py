@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             transformers_version=config.get("transformers_version", "(unknown)"),
             project_version=model_card.project_version(),
             synthetic=model.synthetic,
+            assumed=model.assumed,
         ))
         with atomic_output(staging / CARD, "w") as handle:
             handle.write(card)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage": STAGE,
             "variant": args.variant,
             "dtype": model.dtype,
+            "assumed": list(model.assumed),
             "tolerance_atol": atol,
             "note": (
                 f"outputs: each output against verify-outputs' {verify_report['reference_dtype']} reference, recorded as "

@@ -36,7 +36,7 @@ STAGE = "verify-outputs"
 
 
 def report(comparisons: list[Comparison], published: Mapping[str, dict], uses: list[Check], atol: float, prompts: int,
-           variant: str, reference_dtype: str) -> dict:
+           variant: str, reference_dtype: str, assumed: tuple[str, ...] = ()) -> dict:
     intermediates = [c for c in comparisons if c.name not in OUTPUTS]
     return {
         "stage": STAGE,
@@ -54,6 +54,9 @@ def report(comparisons: list[Comparison], published: Mapping[str, dict], uses: l
         ),
         "tolerance_atol": atol,
         "reference_dtype": reference_dtype,
+        # Settings taken from the original code's defaults: verification runs them on both sides, so it cannot tell
+        # whether the checkpoint was trained with them.
+        "assumed": list(assumed),
         "prompts": prompts,
         "outputs": {c.name: recorded(c.max_abs_diff, c.max_rel_diff, c.passed) for c in comparisons if c.name in OUTPUTS},
         "intermediates_compared": len(intermediates),
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         # The original's prediction (the converted model's agrees within atol), drawn in float64: from a float64
         # reference, the same pixels everywhere.
         write_mask_pictures(image, reference["logits"], model_params.prompts, args.out / "masks")
-        full = report(comparisons, published, uses, atol, len(model_params.prompts), args.variant, reference_dtype)
+        full = report(comparisons, published, uses, atol, len(model_params.prompts), args.variant, reference_dtype,
+                      model_params.assumed)
         write_json(args.report, full)
         write_checks(args.checks, uses)
         write_json(args.metrics, {"passed": full["passed"], "atol": atol, "prompts": len(model_params.prompts)})

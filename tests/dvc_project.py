@@ -35,6 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
     "clipseg_pipeline",
     "stages",
+    "tools",
     "dvc.yaml",
     "params.yaml",
     "pyproject.toml",

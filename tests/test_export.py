@@ -419,6 +419,13 @@ def test_no_transformers_pipeline_runs_clipseg_so_the_card_names_none(tiny_pipel
         pipeline("image-segmentation", model=str(tiny_pipeline.export))(Image.new("RGB", (64, 64)))
 
 
+def test_model_card_names_the_assumed_settings_and_only_when_there_are_some():
+    verify = {"outputs": {"logits": {"passed": True}}, "passed": True, "tolerance_atol": 1e-4, "reference_dtype": "float64"}
+    assumed = model_card.render(replace(rd64_card(verify), assumed=("extract_layers", "conditional_layer")))
+    assert "**Assumed settings: `extract_layers`, `conditional_layer`.**" in assumed
+    assert "Assumed settings" not in model_card.render(rd64_card(verify))
+
+
 def test_model_card_refuses_a_verify_report_without_the_reference_dtype():
     card = rd64_card({"outputs": {"logits": {"passed": True}}, "passed": True, "tolerance_atol": 1e-4})
     with pytest.raises(model_card.ModelCardError, match=r"verify report lacks reference_dtype .*rerun the verify-outputs stage"):

@@ -88,6 +88,8 @@ def test_no_models_at_all():
         (f"{TINY}.sources.image", rf"`{TINY}.sources` lacks the source\(s\) \['image'\]"),
         (f"{TINY}.sources.vocab", rf"`{TINY}.sources` needs tokenizer files: either `vocab` and `merges`, or `bpe`"),
         (f"{TINY}.verify", rf"`{TINY}` lacks \['verify'\]"),
+        (f"{TINY}.assumed", rf"`{TINY}` lacks \['assumed'\]"),
+        (f"{TINY}.sources.decoder", rf"`{TINY}.sources` needs the weights in one form: .* found \['clip'\]"),
         ("models.clipseg-rd64.expected.atol", r"`models.clipseg-rd64.expected` lacks \['atol'\]"),
     ],
 )
@@ -153,7 +155,7 @@ def test_unknown_key_names_the_allowed_keys(path):
 
 
 def test_unknown_source_names_the_allowed_sources():
-    pattern = r"unknown source\(s\) \['weights'\] in `models.clipseg-tiny.sources`; allowed: \['bpe', 'clip', 'decoder', 'image', 'merges', 'vocab'\]"
+    pattern = r"unknown source\(s\) \['weights'\] in `models.clipseg-tiny.sources`; allowed: \['bpe', 'checkpoint', 'clip', 'decoder', 'image', 'merges', 'vocab'\]"
     refused(edited(f"{TINY}.sources.weights", {"url": "x", "sha256": None}), pattern)
 
 
@@ -332,3 +334,32 @@ def test_onnx_base_model_is_a_hub_id_or_null():
 
 def test_every_variant_needs_its_onnx_settings():
     refused(edited(f"{TINY}.onnx", delete=True), r"onnx")
+
+
+# --- the weights' two forms; the assumed settings --------------------------------------------------
+
+
+def test_a_whole_model_checkpoint_replaces_clip_and_decoder():
+    data = edited(f"{TINY}.sources.checkpoint", {"url": "full.pth", "sha256": None})
+    del data["models"]["clipseg-tiny"]["sources"]["clip"], data["models"]["clipseg-tiny"]["sources"]["decoder"]
+    assert set(params.parse(data).model("clipseg-tiny").sources) == {"checkpoint", "vocab", "merges", "image"}
+
+
+def test_both_forms_of_weights_at_once_are_refused():
+    refused(edited(f"{TINY}.sources.checkpoint", {"url": "full.pth", "sha256": None}),
+            r"needs the weights in one form: either `clip` and `decoder` .* or `checkpoint` .*; "
+            r"found \['checkpoint', 'clip', 'decoder'\]")
+
+
+def test_the_published_variants_assume_nothing():
+    assert all(not model.assumed for model in params.parse(PUBLISHED).models.values())
+
+
+def test_assumed_settings_are_read():
+    value = ["extract_layers", "decoder_num_attention_heads"]
+    assert params.parse(edited(f"{TINY}.assumed", value)).model("clipseg-tiny").assumed == tuple(value)
+
+
+@pytest.mark.parametrize("value", [["reduce_dim"], ["extract_layers", "extract_layers"], None])
+def test_assumed_must_name_settings_the_tensors_cannot_tell(value):
+    refused(edited(f"{TINY}.assumed", value), r"`models.clipseg-tiny.assumed` must (list|be a list)")

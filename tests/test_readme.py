@@ -89,3 +89,54 @@ def test_the_python_snippet_runs_as_written(tiny_pipeline):  # noqa: F811
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["CLIPSegForImageSegmentation", "CLIPSegProcessor"]
+
+
+# --- "Convert your own checkpoint": its commands, as written ----------------------------------------
+
+OWN_SECTION = "## Convert your own checkpoint"
+# The published tokenizer files and image, the command's defaults, cannot be fetched offline: the tests' stand-in for
+# the installed `clipseg-variant` runs tools.variant with those defaults pointed at local synthetic copies, and the
+# section's $CLIP, $DECODER and $OTHER_DECODER are set to synthetic checkpoints. The commands run as written.
+STAND_IN = (
+    "clipseg-variant() { python -c 'import sys; from tools import variant; variant.PUBLISHED_SIDE_SOURCES.update("
+    'vocab="files/vocab.json", merges="files/merges.txt", image="files/image.jpg"); '
+    "sys.exit(variant.main(sys.argv[1:]))' \"$@\"; }\nset -e\n"
+)
+
+
+def own_checkpoint_block() -> str:
+    section = README.split(OWN_SECTION, 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return block
+
+
+def write_own_checkpoints(root: Path) -> dict[str, str]:
+    """Two fine-tuned decoders sharing one plain CLIP state dict, the side files, in `root`/files: the section's
+    variables (CLIP is a path here; the slow test serves it over HTTP)."""
+    from tests.test_variant import arch
+    from tools import synthetic
+
+    a = arch(patch=16, reduce_dim=16)
+    files = root / "files"
+    synthetic.write_state_dict(synthetic.plain_clip_state_dict(a, 0), files / "clip.pth")
+    synthetic.write_state_dict(synthetic.decoder_state_dict(a, 1), files / "rd16-mine.pth")
+    synthetic.write_state_dict(synthetic.decoder_state_dict(a, 2), files / "rd16-other.pth")
+    synthetic.write_tokenizer_files(files)
+    synthetic.write_image(files / "image.jpg")
+    return {"CLIP": "files/clip.pth", "DECODER": "files/rd16-mine.pth", "OTHER_DECODER": "files/rd16-other.pth"}
+
+
+def test_the_own_checkpoint_section_adds_its_variants_as_written(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    variables = write_own_checkpoints(tmp_path)
+    adds = "\n".join(line for line in own_checkpoint_block().splitlines() if line.startswith("clipseg-variant "))
+    done = subprocess.run(["bash", "-c", STAND_IN + adds], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **variables, "PYTHONPATH": str(REPO),
+                               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])})
+    assert done.returncode == 0, done.stderr
+    added = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    assert added["variants"] == [*PARAMS["variants"], "my-decoder", "my-other-decoder"]
+    first, second = (added["models"][name] for name in ("my-decoder", "my-other-decoder"))
+    assert first["sources"]["clip"] == second["sources"]["clip"] and first["sources"]["decoder"] != second["sources"]["decoder"]
+    assert first["architecture"]["reduce_dim"] == 16 and first["assumed"] == second["assumed"] != []
+    assert done.stdout.count("Build it:  dvc repro") == 2

@@ -347,3 +347,28 @@ def test_full_size_vit_b16_rd64(tmp_path):
     layout = {k: (v.dtype, v.shape) for k, v in clip.items()}
     assert {k: (v.dtype, v.shape) for k, v in loaded.items()} == layout
     assert time.perf_counter() - start < 15
+
+
+def test_a_plain_clip_state_dict_is_the_archive_without_its_scalars(tmp_path, tiny_arch):
+    path = tmp_path / "clip.pth"
+    synthetic.write_state_dict(synthetic.plain_clip_state_dict(tiny_arch, 0), path)
+    loaded = torch.load(path, weights_only=True)
+    archive = synthetic.clip_state_dict(tiny_arch, 0)
+    assert list(loaded) == [name for name in archive if name not in SCALARS]
+    assert all(torch.equal(loaded[name], archive[name]) for name in loaded)
+
+
+def test_a_bare_decoder_pth_loads_without_running_code(tmp_path, tiny_arch):
+    path = tmp_path / "tiny-uni.pth"
+    synthetic.write_state_dict(synthetic.decoder_state_dict(tiny_arch, 0), path)
+    assert list(torch.load(path, weights_only=True)) == list(synthetic.decoder_state_dict(tiny_arch, 0))
+
+
+def test_a_full_model_state_dict_holds_clip_the_vision_copy_and_the_decoder(tiny_arch):
+    full = synthetic.full_model_state_dict(tiny_arch, 0)
+    clip = synthetic.plain_clip_state_dict(tiny_arch, 0)
+    assert {n for n in full if n.startswith("clip_model.")} == {f"clip_model.{n}" for n in clip}
+    assert {n for n in full if n.startswith("model.")} == {
+        "model." + n.removeprefix("visual.") for n in clip if n.startswith("visual.")}
+    assert {n for n in full if not n.startswith(("clip_model.", "model."))} == set(synthetic.decoder_state_dict(tiny_arch, 0))
+    assert torch.equal(full["model.conv1.weight"], full["clip_model.visual.conv1.weight"])

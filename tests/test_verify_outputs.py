@@ -77,7 +77,7 @@ def write_params(path: Path, arch: dict, sources: dict[str, Path], member: str, 
     pinned = {name: {"url": str(sources[name]), "sha256": synthetic.sha256_file(sources[name])}
               for name in ("clip", "vocab", "merges", "image")}
     pinned["decoder"] = {"url": str(sources["decoder"]), "sha256": synthetic.sha256_file(sources["decoder"]), "member": member}
-    only_v = {VARIANT: {"architecture": arch, "sources": pinned,
+    only_v = {VARIANT: {"architecture": arch, "sources": pinned, "assumed": [],
                         "verify": {"prompts": prompts, "image_prompts": [[100, 100, 300, 260]]},
                         "expected": None, "export": {"dtype": "float32", "synthetic": True}, "onnx": {"base_model": None}}}
     return edited_params(REPO / "params.yaml", lambda data: data.update(variants=[VARIANT], models=only_v), path)

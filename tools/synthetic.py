@@ -363,6 +363,29 @@ def write_decoder_zip(state_dict: dict[str, torch.Tensor], path: Path, member: s
     _atomic_write(path, write)
 
 
+def write_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """`torch.save(state_dict)` as a bare file: how the original `training.py` saves a decoder (only the trainable
+    weights) and how a plain CLIP state dict or a whole model's `state_dict()` is kept."""
+    _atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+
+
+def plain_clip_state_dict(arch: dict, seed: int) -> dict[str, torch.Tensor]:
+    """CLIP as a plain state dict (`model.state_dict()` of the model OpenAI's `build_model` returns): the archive's
+    weights without its three scalar settings, which `build_model` deletes."""
+    return {name: t for name, t in clip_state_dict(arch, seed).items() if name not in SCALAR_KEYS}
+
+
+def full_model_state_dict(arch: dict, seed: int) -> dict[str, torch.Tensor]:
+    """A whole original model's `state_dict()`: CLIP under `clip_model.`, its vision tower again under `model.` (the
+    original keeps `self.model = clip_model.visual`), then the decoder's weights."""
+    clip = plain_clip_state_dict(arch, seed)
+    return {
+        **{f"clip_model.{name}": t for name, t in clip.items()},
+        **{f"model.{name.removeprefix('visual.')}": t for name, t in clip.items() if name.startswith("visual.")},
+        **decoder_state_dict(arch, seed),
+    }
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
