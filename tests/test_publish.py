@@ -3,6 +3,7 @@ network, and a real run makes exactly the Hub calls expected (HfApi patched: no 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -11,7 +12,6 @@ import pytest
 from huggingface_hub import CommitInfo, HfApi
 
 from tools import publish
-from clipseg_pipeline.tensor_io import sha256_file
 from tests.pipeline_fixture import VARIANT, copy_export, tiny_pipeline  # noqa: F401
 
 FAKE_TOKEN = "hf_fake_token_for_tests_0123456789"
@@ -44,6 +44,24 @@ def test_a_same_size_change_to_the_weights_is_refused(folder, no_network, capsys
     weights.write_bytes(bytes(data))
     assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 1
     assert re.search(r"does not match its manifest.json: .*changed \['model.safetensors'\]", capsys.readouterr().err)
+
+
+def test_a_same_size_change_to_any_other_exported_file_is_refused(folder, no_network, capsys):
+    # Every file the manifest lists is held to its sha256, not only the weights: one byte changed in place, the size
+    # kept, in each file in turn.
+    names = sorted(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"])
+    assert "config.json" in names and "README.md" in names
+    for name in (n for n in names if n != "model.safetensors"):
+        original = (folder / name).read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 0x20  # a letter's case, or a digit or a space made another character
+        (folder / name).unlink()
+        (folder / name).write_bytes(bytes(changed))
+        assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 1, name
+        assert f"changed [{name!r}]" in capsys.readouterr().err, name
+        (folder / name).unlink()
+        (folder / name).write_bytes(original)
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 0
 
 
 @pytest.fixture()
@@ -88,8 +106,9 @@ def test_dry_run_lists_exactly_the_exports_files(folder, no_network, capsys):
     out = capsys.readouterr().out
     files = listed(out)
     assert set(files) == {p.name for p in folder.iterdir()}
-    for name, (size, sha) in files.items():
-        assert (size, sha) == ((folder / name).stat().st_size, sha256_file(folder / name)), name
+    for name, (size, sha) in files.items():  # hashed here with hashlib itself, not the helper publish uses
+        data = (folder / name).read_bytes()
+        assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest()), name
     assert out.startswith(f"would upload {len(files)} files") and "https://huggingface.co/org/name" in out
 
 
