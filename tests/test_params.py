@@ -270,9 +270,3 @@ def test_a_duplicate_key_deep_inside_is_refused(tmp_path):
 def test_a_missing_file(tmp_path):
     with pytest.raises(ParamsError, match=r"cannot read the params file \(No such file or directory\); run from the repository root"):
         params.load(tmp_path / "params.yaml")
-
-
-def test_the_errors_are_pipeline_errors():
-    from clipseg_pipeline.errors import PipelineError
-
-    assert issubclass(ParamsError, PipelineError)  # run_stage prints them as one line

@@ -196,7 +196,35 @@ def test_a_refused_upload_says_how_to_fix_it(folder, recorded_calls, monkeypatch
     assert "the Hub refused the upload to org/name" in err and "hf auth login" in err and FAKE_TOKEN not in err
 
 
-def test_the_commit_names_the_project_checkout_not_the_export():
-    # The export itself never holds the git commit (it must be identical in every clone); the Hub commit does.
-    revision = publish.git_revision()
-    assert revision is None or re.fullmatch(r"[0-9a-f]{40}( with uncommitted changes)?", revision)
+def git(repo, *args: str) -> None:
+    import subprocess
+
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", *identity, "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_the_commit_names_the_project_checkout_not_the_export(folder, tmp_path, monkeypatch):
+    # The export itself never holds the git commit (it must be identical in every clone); the Hub commit does. Held to
+    # a checkout made here, its commit read from the repository's own files rather than asked of git.
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # tmp_path itself is in no checkout
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    git(checkout, "init", "-q", "-b", "main")
+    (checkout / "tracked.txt").write_text("one\n", encoding="utf-8")
+    git(checkout, "add", "tracked.txt")
+    git(checkout, "commit", "-q", "-m", "one")
+    head = (checkout / ".git" / "refs" / "heads" / "main").read_text(encoding="utf-8").strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head)
+    assert publish.git_revision(checkout) == head
+    (checkout / "untracked.txt").write_text("not part of the checkout\n", encoding="utf-8")
+    assert publish.git_revision(checkout) == head
+    (checkout / "tracked.txt").write_text("two\n", encoding="utf-8")
+    assert publish.git_revision(checkout) == f"{head} with uncommitted changes"
+    assert publish.git_revision(tmp_path) is None
+    from clipseg_pipeline.model_card import PROJECT, project_version
+
+    entries = publish.check_folder(folder)
+    published_from = f"Published from {PROJECT} {project_version()}"
+    with_revision = publish.commit_text(folder, entries, publish.git_revision(checkout))[1]
+    assert with_revision.splitlines()[0] == f"{published_from}, git {head} with uncommitted changes."
+    assert publish.commit_text(folder, entries, None)[1].splitlines()[0] == f"{published_from}."

@@ -483,13 +483,6 @@ def test_eos_token_id_of_the_real_end_token_pools_at_the_same_position_and_passe
     check_passed(run_verify(tiny, tmp_path, model=model))
 
 
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        verify_outputs.main(["--help"])
-    assert exit_info.value.code == 0
-    assert "verify-outputs" in capsys.readouterr().out
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _no_leftovers(tmp_path_factory):
     yield
