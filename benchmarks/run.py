@@ -60,7 +60,7 @@ TARGETS = {
     "pipeline_cold": 2.0,  # x baseline end-to-end
     "work_vs_floor": {"remap-weights": 3.0, "build-model": 3.0, "export": 3.0},  # x plain safetensors save
     # x baseline single forward pass; 1.2 since verify-outputs computes its reference after the imports instead of in a
-    # forked process beside them: simpler, about 0.6 s more work at full size (docs/performance.md)
+    # forked process beside them: simpler, the reference's vision tower more work (docs/performance.md)
     "work_vs_forward": {"verify-outputs": 1.2},
     "rss_vs_baseline": {"remap-weights": 0.5, "export": 0.5, "build-model": 0.75, "verify-outputs": 0.75},
     "noop_s": 2.0,  # seconds, strictly below

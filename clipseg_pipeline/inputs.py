@@ -50,7 +50,7 @@ def load_image(path: Path):
             with Image.open(path) as image:
                 image.load()
                 upright = ImageOps.exif_transpose(image)
-                return upright.convert("RGB")
+                return _eight_bit(upright).convert("RGB")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: refusing an image this large ({exc}); use an image of a few megapixels") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -64,6 +64,18 @@ def crop(image, box: Sequence[int], where: str):
         raise InputError(f"{where}: the box {list(box)} reaches beyond the {image.width}x{image.height} image; keep "
                          f"right <= {image.width} and bottom <= {image.height}")
     return image.crop((left, top, right, bottom))
+
+
+def _eight_bit(image):
+    """A 16-bit grey image (PNG, TIFF) scaled to 8 bits, as a viewer shows it; any other image as it is. PIL's convert
+    would clip its values at 255 instead: every grey above 1/257 of white would turn white."""
+    if not image.mode.startswith("I;16"):
+        return image
+    import numpy as np
+    from PIL import Image
+
+    grey = np.asarray(image).astype(np.float64)  # "I;16", "I;16L" and "I;16B" come as uint16 in their byte order
+    return Image.fromarray(np.rint(grey * (255 / 65535)).astype(np.uint8), "L")
 
 
 def pixel_values(image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

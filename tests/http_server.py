@@ -5,7 +5,8 @@
         assert server.requests[1].range == "bytes=100-"
 
 Serves GET with a correct Content-Length and honours `Range: bytes=N-` (206 + Content-Range, or 416 past
-the end). Unknown paths are 404. Nothing leaves the machine, and nothing outlives the `with` block.
+the end) unless a fault says otherwise: ignore_range answers 200 with the whole file, range_from 206 from another byte
+than the one asked for. Unknown paths are 404. Nothing leaves the machine, and nothing outlives the `with` block.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Fault:
     """How one path misbehaves.
 
     The failures (drop_after, status, delay_s) hit the first `times` requests of the path (all of them when
-    `times` is None); ignore_range and omit_length describe the server and hold for every request.
+    `times` is None); ignore_range, range_from and omit_length describe the server and hold for every request.
     """
 
     drop_after: int | None = None  # announce the full Content-Length, send this many body bytes, hang up
@@ -35,6 +36,7 @@ class Fault:
     delay_s: float = 0.0  # wait before answering, to provoke client timeouts
     times: int | None = None
     ignore_range: bool = False  # answer 200 with the whole file even to a Range request
+    range_from: int | None = None  # answer a Range request with 206 and Content-Range from this byte, whatever was asked
     omit_length: bool = False  # no Content-Length: the body ends when the connection closes
 
 
@@ -91,6 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.server.files.get(path)
         start = None if fault.ignore_range or body is None else _range_start(range_header)
+        if start is not None and fault.range_from is not None:
+            start = fault.range_from
         if body is None:
             self._send_empty(404)
         elif failing and fault.status:

@@ -1,10 +1,14 @@
 """dvc.yaml lists, as each stage's dependencies, exactly this project's modules its command imports, directly or not,
 at the top of a module or inside a function: a module missing from the list would let a stage's code change without
-DVC rerunning it, and a module listed but never imported reruns it for nothing. And no stage imports another stage."""
+DVC rerunning it, and a module listed but never imported reruns it for nothing. No stage imports another stage. And
+each stage's --help describes the command line dvc.yaml gives it."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
+import io
 import re
 from pathlib import Path
 
@@ -62,3 +66,16 @@ def test_no_stage_imports_another_stage_or_a_tool(stage):
 
 def test_the_import_scan_sees_imports_inside_functions():
     assert {"clipseg_pipeline/reference.py", "clipseg_pipeline/name_map.py"} <= closure("stages/export.py")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stages_help_names_it_and_every_option_its_command_passes(stage):
+    name = Path(command_module(stage)).stem
+    module = importlib.import_module(f"stages.{name}")
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = out.getvalue()
+    assert text.startswith(f"usage: python -m stages.{name} ") and module.__doc__.splitlines()[0] in " ".join(text.split())
+    passed = re.findall(r"(?<!\S)--[a-z][a-z-]*", STAGES[stage]["cmd"])
+    assert passed and all(re.search(rf"^  {option} ", text, re.M) for option in passed), (passed, text)

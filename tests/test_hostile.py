@@ -939,12 +939,25 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("mode", ["RGB", "LA", "I;16", "CMYK"])
-def test_row13_a_one_pixel_image_gives_full_size_pixel_values(tmp_path, mode):
-    path = tmp_path / "one.png" if mode != "CMYK" else tmp_path / "one.jpg"
-    Image.new(mode, (1, 1)).save(path)
-    pixels = inputs.pixel_values(inputs.load_image(path), 352, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert pixels.shape == (1, 3, 352, 352) and torch.isfinite(pixels).all()
+@pytest.mark.parametrize("mode, color, suffix, rgb", [
+    ("RGB", (200, 30, 30), "png", (200, 30, 30)),
+    ("LA", (100, 50), "png", (100, 100, 100)),  # its grey; the alpha is dropped, as the model card's convert("RGB") does
+    # A 16-bit grey, 30000 of 65535: the same grey in 8 bits is round(30000 * 255 / 65535) = 117, not white.
+    ("I;16", 30000, "png", (117, 117, 117)),
+    # Ink: none of cyan and black, all of magenta and yellow, is red; JPEG stores CMYK inverted (Adobe), TIFF does not.
+    ("CMYK", (0, 255, 255, 0), "jpg", (255, 0, 0)),
+    # Each channel is (255 - ink) * (255 - black) / 255, rounded: 245 * 225 / 255, 55 * 225 / 255, 215 * 225 / 255.
+    ("CMYK", (10, 200, 40, 30), "tiff", (216, 49, 190)),
+], ids=["rgb", "grey-alpha", "grey-16-bit", "cmyk-jpeg", "cmyk-tiff"])  # fmt: skip
+def test_row13_a_one_pixel_image_gives_full_size_pixel_values(tmp_path, mode, color, suffix, rgb):
+    path = tmp_path / f"one.{suffix}"
+    Image.new(mode, (1, 1), color).save(path)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = inputs.pixel_values(inputs.load_image(path), 352, mean, std)
+    # Computed apart: one pixel resized is that pixel everywhere, and each channel is (value / 255 - mean) / std.
+    channels = [(value / 255 - m) / s for value, m, s in zip(rgb, mean, std)]
+    expected = torch.tensor(channels, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 352, 352)
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

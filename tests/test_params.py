@@ -274,12 +274,6 @@ def test_a_missing_file(tmp_path):
         params.load(tmp_path / "params.yaml")
 
 
-def test_the_errors_are_pipeline_errors():
-    from clipseg_pipeline.errors import PipelineError
-
-    assert issubclass(ParamsError, PipelineError)  # run_stage prints them as one line
-
-
 def test_params_yaml_is_kept_in_the_layout_dvc_writes(tmp_path):
     # `dvc exp run -S` and `dvc exp apply` rewrite the whole file in their layout: kept in it, one changed value is a
     # one-line diff, and the comments stay.

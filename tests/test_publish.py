@@ -3,6 +3,7 @@ network, and a real run makes exactly the Hub calls expected (HfApi patched: no 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -11,7 +12,6 @@ import pytest
 from huggingface_hub import CommitInfo, HfApi
 
 from tools import publish
-from clipseg_pipeline.tensor_io import sha256_file
 from tests.pipeline_fixture import VARIANT, copy_export, tiny_pipeline  # noqa: F401
 
 FAKE_TOKEN = "hf_fake_token_for_tests_0123456789"
@@ -44,6 +44,24 @@ def test_a_same_size_change_to_the_weights_is_refused(folder, no_network, capsys
     weights.write_bytes(bytes(data))
     assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 1
     assert re.search(r"does not match its manifest.json: .*changed \['model.safetensors'\]", capsys.readouterr().err)
+
+
+def test_a_same_size_change_to_any_other_exported_file_is_refused(folder, no_network, capsys):
+    # Every file the manifest lists is held to its sha256, not only the weights: one byte changed in place, the size
+    # kept, in each file in turn.
+    names = sorted(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"])
+    assert "config.json" in names and "README.md" in names
+    for name in (n for n in names if n != "model.safetensors"):
+        original = (folder / name).read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 0x20  # a letter's case, or a digit or a space made another character
+        (folder / name).unlink()
+        (folder / name).write_bytes(bytes(changed))
+        assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 1, name
+        assert f"changed [{name!r}]" in capsys.readouterr().err, name
+        (folder / name).unlink()
+        (folder / name).write_bytes(original)
+    assert publish.main(["--folder", str(folder), "--repo-id", "org/name", "--dry-run"]) == 0
 
 
 @pytest.fixture()
@@ -88,8 +106,9 @@ def test_dry_run_lists_exactly_the_exports_files(folder, no_network, capsys):
     out = capsys.readouterr().out
     files = listed(out)
     assert set(files) == {p.name for p in folder.iterdir()}
-    for name, (size, sha) in files.items():
-        assert (size, sha) == ((folder / name).stat().st_size, sha256_file(folder / name)), name
+    for name, (size, sha) in files.items():  # hashed here with hashlib itself, not the helper publish uses
+        data = (folder / name).read_bytes()
+        assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest()), name
     assert out.startswith(f"would upload {len(files)} files") and "https://huggingface.co/org/name" in out
 
 
@@ -177,7 +196,35 @@ def test_a_refused_upload_says_how_to_fix_it(folder, recorded_calls, monkeypatch
     assert "the Hub refused the upload to org/name" in err and "hf auth login" in err and FAKE_TOKEN not in err
 
 
-def test_the_commit_names_the_project_checkout_not_the_export():
-    # The export itself never holds the git commit (it must be identical in every clone); the Hub commit does.
-    revision = publish.git_revision()
-    assert revision is None or re.fullmatch(r"[0-9a-f]{40}( with uncommitted changes)?", revision)
+def git(repo, *args: str) -> None:
+    import subprocess
+
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", *identity, "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_the_commit_names_the_project_checkout_not_the_export(folder, tmp_path, monkeypatch):
+    # The export itself never holds the git commit (it must be identical in every clone); the Hub commit does. Held to
+    # a checkout made here, its commit read from the repository's own files rather than asked of git.
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # tmp_path itself is in no checkout
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    git(checkout, "init", "-q", "-b", "main")
+    (checkout / "tracked.txt").write_text("one\n", encoding="utf-8")
+    git(checkout, "add", "tracked.txt")
+    git(checkout, "commit", "-q", "-m", "one")
+    head = (checkout / ".git" / "refs" / "heads" / "main").read_text(encoding="utf-8").strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head)
+    assert publish.git_revision(checkout) == head
+    (checkout / "untracked.txt").write_text("not part of the checkout\n", encoding="utf-8")
+    assert publish.git_revision(checkout) == head
+    (checkout / "tracked.txt").write_text("two\n", encoding="utf-8")
+    assert publish.git_revision(checkout) == f"{head} with uncommitted changes"
+    assert publish.git_revision(tmp_path) is None
+    from clipseg_pipeline.model_card import PROJECT, project_version
+
+    entries = publish.check_folder(folder)
+    published_from = f"Published from {PROJECT} {project_version()}"
+    with_revision = publish.commit_text(folder, entries, publish.git_revision(checkout))[1]
+    assert with_revision.splitlines()[0] == f"{published_from}, git {head} with uncommitted changes."
+    assert publish.commit_text(folder, entries, None)[1].splitlines()[0] == f"{published_from}."

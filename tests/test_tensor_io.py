@@ -138,3 +138,14 @@ def test_the_stages_that_only_move_tensors_import_neither_torch_nor_transformers
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 64 * 3, 64 * 3 + 1, 1000])
+def test_sha256_file_is_hashlibs_sha256_of_the_bytes(tmp_path, size):
+    # The manifest, publish's check and the dry-run listing all hash with this helper: it is held to hashlib over the
+    # whole bytes at once, for files empty, shorter than a chunk, of whole chunks and one byte past them.
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    assert tensor_io.sha256_file(path, chunk_bytes=64) == hashlib.sha256(data).hexdigest()
+    assert tensor_io.sha256_file(path) == hashlib.sha256(data).hexdigest()
