@@ -33,6 +33,12 @@ class VerificationError(PipelineError):
     """The converted model does not compute what the original computes."""
 
 
+def cannot_run(original: Path, variant: str, exc: ValueError) -> VerificationError:
+    """The reference refused the original files (a missing or misshapen tensor): the architecture is wrong for them."""
+    return VerificationError(f"the reference cannot run {original} with models.{variant}.architecture ({exc}): that "
+                             "architecture does not describe these original files; fix it in params.yaml")
+
+
 # ---- the reference's entries and the original modules that compute them ----------------------------------------
 
 

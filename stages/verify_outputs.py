@@ -22,8 +22,8 @@ import torch
 
 from clipseg_pipeline import params as params_mod
 from clipseg_pipeline.comparison import (
-    Check, Comparison, VerificationError, check_published, check_report, checks, compare, entries, failure_message, reference_outputs,
-    traced_forward, write_checks,
+    Check, Comparison, VerificationError, cannot_run, check_published, check_report, checks, compare, entries,
+    failure_message, reference_outputs, traced_forward, write_checks,
 )  # fmt: skip
 from clipseg_pipeline.converted_model import load_model
 from clipseg_pipeline.inputs import load_image, pixel_values, token_ids, tokenizer
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reference = reference_outputs(original, arch, pixels, ids["input_ids"], ids["attention_mask"], dtype)
         except ValueError as exc:
-            raise VerificationError(
-                f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
-                "architecture does not describe these original files; fix it in params.yaml"
-            ) from exc
+            raise cannot_run(original.path, args.variant, exc) from exc
         atol = params.verify.atol
         comparisons = compare(converted, reference, atol, params.verify.rtol)
         # Each prompt on its own: its outputs' verdicts, and how many of its mask pixels differ from the reference's.

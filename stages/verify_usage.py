@@ -18,8 +18,8 @@ import torch
 
 from clipseg_pipeline import params as params_mod
 from clipseg_pipeline.comparison import (
-    VerificationError, batch_outputs, check_report, checks, failure_message, image_prompt_outputs, reference_batch,
-    write_checks,
+    VerificationError, batch_outputs, cannot_run, check_report, checks, failure_message, image_prompt_outputs,
+    reference_batch, write_checks,
 )  # fmt: skip
 from clipseg_pipeline.converted_model import load_model
 from clipseg_pipeline.inputs import load_image, pixel_values, prompt_pixel_values, token_ids, tokenizer
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             reference_image = image_prompt_forward(original, arch, pixels, prompts, dtype) if boxes else {}
             reference_rows = reference_batch(original, arch, batch_pixels, batch_ids["input_ids"], dtype)
         except ValueError as exc:
-            raise VerificationError(
-                f"the reference cannot run {original.path} with models.{args.variant}.architecture ({exc}): that "
-                "architecture does not describe these original files; fix it in params.yaml"
-            ) from exc
+            raise cannot_run(original.path, args.variant, exc) from exc
         uses = [
             *checks("image", converted_image, reference_image, [{"box": list(box)} for box in boxes], atol),
             *checks("batch", converted_batch, reference_rows,
