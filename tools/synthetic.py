@@ -4,7 +4,8 @@ Writes what the download stage would fetch for a real variant (docs/original-for
 an OpenAI CLIP TorchScript archive with mixed fp16/fp32 weights, a zip holding a decoder state dict
 saved with `torch.save`, a CLIP-style byte-level BPE tokenizer (Hugging Face `vocab.json` +
 `merges.txt` and OpenAI's `bpe_simple_vocab_16e6.txt.gz`) and a JPEG. The same seed gives the same
-bytes. Serves the `clipseg-tiny` variant, test fixtures and the full-size benchmark.
+bytes. Serves the `clipseg-tiny` variant, test fixtures and the full-size benchmark (tools.train_tiny trains its tiny
+preset on scenes of coloured shapes).
 
     python -m tools.synthetic --out data/synthetic/clipseg-tiny --preset tiny --seed 0
 """
@@ -506,8 +507,12 @@ def image_pixels(size: tuple[int, int] = (640, 480)) -> torch.Tensor:
 
 
 def write_image(path: Path, size: tuple[int, int] = (640, 480)) -> None:
-    """A deterministic baseline JPEG (fixed quality and subsampling, no metadata)."""
-    image = Image.fromarray(image_pixels(size).numpy())
+    write_jpeg(image_pixels(size), path)
+
+
+def write_jpeg(pixels: torch.Tensor, path: Path) -> None:
+    """uint8 [H, W, 3] as a deterministic baseline JPEG (fixed quality and subsampling, no metadata)."""
+    image = Image.fromarray(pixels.numpy())
     _atomic_write(path, lambda tmp: image.save(tmp, format="JPEG", quality=90, subsampling=2,
                                                optimize=False, progressive=False))
 

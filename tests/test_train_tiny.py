@@ -1,0 +1,140 @@
+"""Tests for tools/train_tiny.py: the scenes' geometry, a few training steps, and the committed clipseg-tiny model.
+
+The trainer itself runs minutes; here it trains two steps: enough to prove that it runs, writes the published formats,
+scores what it wrote and repeats its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipseg_pipeline import inputs, reference
+from clipseg_pipeline.architecture import Architecture
+from tools import synthetic, train_tiny
+from tools.train_tiny import Shape
+
+SIDE = 352
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- scenes ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, area", [
+    (Shape("red", "square", 100, 120, 40, 0), 80 * 80),
+    (Shape("red", "ellipse", 150, 150, 60, 0, aspect=0.5), math.pi * 60 * 30),
+    (Shape("red", "triangle", 170, 170, 80, 0), 3 * math.sqrt(3) / 4 * 80 ** 2),  # equilateral, circumradius 80
+    (Shape("red", "square", 170, 170, 50, 30), 100 * 100),  # rotation keeps the area
+])
+def test_shape_masks_have_the_geometric_area(shape, area):
+    assert train_tiny.shape_mask(shape, SIDE).sum().item() == pytest.approx(area, rel=0.02)
+
+
+def test_a_square_at_no_angle_covers_exactly_its_pixels():
+    mask = train_tiny.shape_mask(Shape("blue", "square", 100, 50, 10, 0), SIDE)
+    rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+    assert (rows[0].item(), rows[-1].item(), cols[0].item(), cols[-1].item()) == (40, 59, 90, 109)
+
+
+def test_a_later_shape_hides_what_it_covers_and_the_colours_follow_the_masks():
+    shapes = [Shape("orange", "ellipse", 100, 100, 60, 0), Shape("blue", "square", 140, 100, 30, 0)]
+    pixels, masks = train_tiny.render(shapes, SIDE)
+    assert not (masks[0] & masks[1]).any()
+    assert (masks[0] | masks[1]).equal(train_tiny.shape_mask(shapes[0], SIDE) | train_tiny.shape_mask(shapes[1], SIDE))
+    for shape, mask in zip(shapes, masks):
+        assert (pixels[mask] == torch.tensor(train_tiny.COLOURS[shape.colour], dtype=torch.uint8)).all()
+    assert not (pixels[~(masks[0] | masks[1])] == torch.tensor(train_tiny.COLOURS["blue"], dtype=torch.uint8)).all(-1).any()
+
+
+def test_random_scenes_hold_distinct_kinds_and_repeat_with_the_seed():
+    def scenes(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [train_tiny.random_scene(generator, SIDE) for _ in range(5)]
+
+    first, again, other = scenes(3), scenes(3), scenes(4)
+    for (pixels, shapes, masks), (pixels2, _, _) in zip(first, again):
+        assert 1 <= len(shapes) <= train_tiny.MAX_SHAPES and len({s.kind for s in shapes}) == len(shapes)
+        assert len(masks) == len(shapes) and pixels.equal(pixels2)
+    assert not all(a[0].equal(b[0]) for a, b in zip(first, other))
+
+
+def test_prompts_take_the_right_article():
+    assert train_tiny.prompt("orange", "ellipse") == "an orange ellipse"
+    assert train_tiny.prompt("blue", "square") == "a blue square"
+
+
+def test_the_crop_box_surrounds_the_shape_with_its_margin():
+    mask = train_tiny.shape_mask(Shape("blue", "square", 100, 50, 10, 0), SIDE)  # rows 40-59, columns 90-109
+    assert train_tiny.crop_box(mask, 0.5) == (80, 30, 120, 70)
+    assert train_tiny.crop_box(mask, 5.0) == (0, 0, 210, 160)  # kept inside the image
+
+
+def test_iou_counts_two_empty_masks_as_agreeing():
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    half = empty.clone()
+    half[:2] = True
+    assert train_tiny.iou(empty, empty) == 1.0 and train_tiny.iou(half, empty) == 0.0
+    assert train_tiny.iou(half, torch.ones(4, 4, dtype=torch.bool)) == 0.5
+
+
+# --- a few training steps -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_twice(tmp_path_factory):
+    """Two runs of the trainer with the same seed (two steps, two scenes a step), each in its own folder."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path_factory.mktemp(name)
+        record = train_tiny.write(out, seed=0, steps=2, batch=2, lr=2e-3, eval_scenes=2, threads=1)
+        runs.append((out, record))
+    return runs
+
+
+def test_the_trainer_writes_the_published_formats_and_its_record(trained_twice):
+    out, record = trained_twice[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*synthetic.SOURCE_NAMES.values(), "training.json"])
+    assert json.loads((out / "training.json").read_text()) == record
+    assert record["sha256"] == {name: sha256(out / name) for name in synthetic.SOURCE_NAMES.values()}
+    tensors = train_tiny.load_sources(out)
+    arch = train_tiny.architecture()
+    assert record["architecture"] == arch
+    initial = synthetic.clip_state_dict(arch, 0)
+    # The same keys, order and dtypes as the random sources (fp16 where OpenAI stores fp16), but trained values.
+    assert list(tensors)[:len(initial)] == list(initial)
+    clip = {k: tensors[k] for k in initial}
+    assert all(clip[k].dtype == initial[k].dtype for k in initial)
+    assert not clip["visual.conv1.weight"].equal(initial["visual.conv1.weight"])
+    assert list(tensors)[len(initial):] == list(synthetic.decoder_state_dict(arch, 0))
+    assert set(record["held_out"]) == {"text_prompt_miou", "image_prompt_miou", "absent_prompt_pixel_share", "scenes"}
+    assert record["held_out"]["scenes"] == 2 and 0 <= record["held_out"]["text_prompt_miou"] <= 1
+    tokenizer = synthetic.tokenizer_files(synthetic.train_bpe(train_tiny.WORDS))
+    assert all((out / synthetic.SOURCE_NAMES[name]).read_bytes() == tokenizer[name] for name in ("vocab", "merges", "bpe"))
+    ids = inputs.token_ids(inputs.tokenizer(out), [train_tiny.prompt("orange", "ellipse")])["input_ids"]
+    assert ids.shape == (1, 5)  # start, "an", "orange", "ellipse", end: each word one token
+
+
+def test_the_same_seed_trains_the_same_bytes(trained_twice):
+    (_, first), (_, second) = trained_twice
+    assert first["sha256"] == second["sha256"]
+
+
+def test_the_reference_trains_with_autograd():
+    # The reference's operations must all be differentiable (no in-place step autograd needs the input of).
+    arch_dict = synthetic.preset_arch("tiny")
+    arch = Architecture.from_mapping(arch_dict)
+    weights = {k: t.float().requires_grad_() for k, t in {**synthetic.clip_state_dict(arch_dict, 0),
+                                                           **synthetic.decoder_state_dict(arch_dict, 0)}.items()
+               if t.is_floating_point()}
+    ids = torch.tensor([[arch.text.vocab_size - 2, 5, arch.text.vocab_size - 1]])
+    logits = reference.reference_forward(weights, arch, torch.randn(1, 3, 64, 64), ids)["logits"]
+    logits.sum().backward()
+    assert all(weights[k].grad is not None and weights[k].grad.abs().sum() > 0
+               for k in ("visual.conv1.weight", "token_embedding.weight", "film_mul.weight", "trans_conv.weight"))
