@@ -163,3 +163,30 @@ def test_hf_outputs_encodes_the_image_once_and_matches_the_models_forward(tiny):
         torch.testing.assert_close(fast[name], getattr(own, name), atol=1e-5, rtol=1e-5)
 
 
+
+
+def test_an_entry_of_another_shape_is_named_with_both_shapes():
+    reference = {"logits": torch.zeros(2, 4, 4)}
+    with pytest.raises(comparison.VerificationError,
+                       match=re.escape("logits: the converted model gives shape [2, 4, 5], the reference [2, 4, 4]")):
+        comparison.compare({"logits": torch.zeros(2, 4, 5)}, reference, atol=1e-4, rtol=1e-4, outputs=["logits"])
+
+
+def test_mask_pixels_differ_counts_the_pixels_on_the_other_side_of_logit_zero_per_row():
+    reference = torch.tensor([[[-1.0, 0.0, 0.5, 2.0]], [[-1.0, 0.0, 0.5, 2.0]]])
+    ours = torch.tensor([[[-1.0, 0.0, 0.5, 2.0]],    # the same: none
+                         [[0.5, 0.0, -0.5, 0.7]]])   # first and third cross zero; 0 stays "not mask"; 0.7 stays mask
+    assert comparison.mask_pixels_differ(ours, reference) == [0, 2]
+    # Logit 0 is sigmoid 0.5, not mask; a positive logit below 1 is mask.
+    assert comparison.mask_pixels_differ(torch.tensor([[[0.0, 0.5]]]), torch.tensor([[[-0.1, 0.1]]])) == [0]
+    assert comparison.mask_pixels_differ(torch.tensor([[[-0.1, 0.1]]]), torch.tensor([[[0.0, 0.5]]])) == [0]
+
+
+def test_each_check_records_its_rows_mask_pixels_and_verdicts():
+    reference = {"logits": torch.tensor([[[1.0, -1.0]], [[1.0, -1.0]]]), "pooled_output": torch.zeros(2, 3)}
+    converted = {"logits": torch.tensor([[[1.0, -1.0]], [[-1.0, 1.0]]]), "pooled_output": torch.zeros(2, 3)}
+    found = comparison.checks("batch", converted, reference, [{"image": "a"}, {"image": "b"}], atol=1e-4)
+    assert [(c.name, c.what, c.mask_pixels_differ, c.passed) for c in found] == [
+        ("batch-0", {"image": "a"}, 0, True), ("batch-1", {"image": "b"}, 2, False)]
+    report = comparison.check_report(found)
+    assert report["batch-1"]["mask_pixels_differ"] == 2 and report["batch-1"]["logits"]["passed"] is False
