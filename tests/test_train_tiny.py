@@ -138,3 +138,27 @@ def test_the_reference_trains_with_autograd():
     logits.sum().backward()
     assert all(weights[k].grad is not None and weights[k].grad.abs().sum() > 0
                for k in ("visual.conv1.weight", "token_embedding.weight", "film_mul.weight", "trans_conv.weight"))
+
+
+def test_a_batch_asks_for_each_shape_two_absent_kinds_and_one_crop_per_scene():
+    from clipseg_pipeline.params import Processor
+
+    processor = Processor(image_size=SIDE, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    generator = torch.Generator().manual_seed(3)
+    drawn = train_tiny.draw_batch(generator, 3, processor)
+    texts, crops = len(drawn.kinds), len(drawn.crop_kinds)
+    assert drawn.images.shape == (3, 3, SIDE, SIDE) and drawn.crops.shape == (crops, 3, SIDE, SIDE) and crops == 3
+    assert drawn.targets.shape == (texts + crops, SIDE, SIDE) and drawn.owners.shape == (texts + crops,)
+    for scene in range(3):
+        rows = (drawn.owners[:texts] == scene).nonzero().flatten()
+        empty = [not drawn.targets[i].any() for i in rows]
+        assert sum(empty) == train_tiny.ABSENT_PROMPTS  # the absent kinds' masks are empty, each shape's is not
+        # Every target lies on the scene's shapes; the crop's target is the mask of a shape of that scene.
+        assert not (drawn.targets[rows] & ~drawn.shapes[scene]).any()
+        crop_row = texts + scene
+        assert drawn.owners[crop_row] == scene and drawn.targets[crop_row].any()
+        assert not (drawn.targets[crop_row] & ~drawn.shapes[scene]).any()
+    # The crop's kind is the kind of the text prompt with the same mask.
+    for k in range(crops):
+        same = [i for i in range(texts) if drawn.targets[i].equal(drawn.targets[texts + k])]
+        assert [int(drawn.kinds[i]) for i in same] == [int(drawn.crop_kinds[k])]

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from clipseg_pipeline import inputs, original, reference
 from clipseg_pipeline.architecture import Architecture
+from clipseg_pipeline.params import Processor
 from clipseg_pipeline.params import load as load_params
 from tools import synthetic
 
@@ -59,6 +61,7 @@ DECODER_MEMBER = "tiny-uni.pth"
 HELD_OUT_SEED_OFFSET = 1_000_000  # held-out scenes come from their own stream, never drawn in training
 ALIGN_SCALE = 10.0  # CLIP-style temperature of the crop-caption similarities
 MASK_THRESHOLD = 0.0  # logit 0 is sigmoid 0.5, the mask the pipeline draws
+MAX_SOURCE_BYTES = 1 << 30  # the readers' bound on a file's size: far above the tiny model's
 
 
 def prompt(colour: str, shape: str) -> str:
@@ -165,16 +168,20 @@ def crop_box(mask: torch.Tensor, margin: float) -> tuple[int, int, int, int]:
 # Inputs as the pipeline feeds them
 # ---------------------------------------------------------------------------------------------
 
-def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+# Training prepares images in torch, nearly as the processor does (its PIL resize differs in the last bits): a scene is
+# drawn at the processor's size, so only crops are resized. The held-out scores use the pipeline's own `inputs`.
+
+def normalize(pixels: torch.Tensor, processor: Processor) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], as the processor rescales and normalizes."""
     scaled = pixels.float() / 255
-    return ((scaled - torch.tensor(mean)) / torch.tensor(std)).movedim(-1, -3)
+    return ((scaled - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)).movedim(-1, -3)
 
 
-def crop_prompt(pixels: torch.Tensor, box, side: int, mean, std) -> torch.Tensor:
-    """A crop resized to side x side (bilinear, as the processor resizes a larger image up) and normalized."""
+def crop_prompt(pixels: torch.Tensor, box, processor: Processor) -> torch.Tensor:
+    """A crop resized to the processor's size (bilinear, as the processor resizes a larger image up) and normalized."""
     left, top, right, bottom = box
-    crop = normalize(pixels[top:bottom, left:right], mean, std).unsqueeze(0)
+    crop = normalize(pixels[top:bottom, left:right], processor).unsqueeze(0)
+    side = processor.image_size
     return F.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False)
 
 
@@ -202,7 +209,47 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, shapes: torch.Tensor) -
     return bce + on_shapes + dice.mean()
 
 
-def train(arch_dict: dict, seed: int, steps: int, batch: int, lr: float, side: int, mean, std, token_ids: torch.Tensor,
+@dataclass
+class Batch:
+    """One step's scenes and what each condition asks for. Conditions are the text prompts (their kinds' captions),
+    then the image prompts (crops); `owners` names the scene each condition is for, `targets` its true mask."""
+
+    images: torch.Tensor  # [B, 3, S, S]
+    shapes: torch.Tensor  # bool [B, S, S]: every shape of the scene
+    kinds: torch.Tensor  # [T]: the kind each text prompt names (an index into KINDS)
+    crops: torch.Tensor | None  # [K, 3, S, S]: the image prompts
+    crop_kinds: torch.Tensor  # [K]: the kind each crop shows
+    owners: torch.Tensor  # [T + K]
+    targets: torch.Tensor  # bool [T + K, S, S]
+
+
+def draw_batch(generator: torch.Generator, scenes: int, processor: Processor) -> Batch:
+    """`scenes` random scenes, each with text prompts for its shapes, ABSENT_PROMPTS for kinds it lacks (empty
+    masks) and one crop around one of its shapes."""
+    side = processor.image_size
+    images, shapes_of, owners, kinds, targets = [], [], [], [], []
+    crops, crop_owners, crop_kinds, crop_targets = [], [], [], []
+    for b in range(scenes):
+        pixels, shapes, masks = random_scene(generator, side)
+        images.append(normalize(pixels, processor))
+        shapes_of.append(torch.stack(masks).any(0))
+        present = {s.kind for s in shapes}
+        absent = [k for k in KINDS if k not in present]
+        named = [(s.kind, m) for s, m in zip(shapes, masks)]
+        for i in torch.randperm(len(absent), generator=generator)[:ABSENT_PROMPTS].tolist():
+            named.append((absent[i], torch.zeros(side, side, dtype=torch.bool)))
+        for kind, mask in named:
+            owners.append(b), kinds.append(KINDS.index(kind)), targets.append(mask)
+        pick = int(torch.randint(len(shapes), (), generator=generator))
+        if masks[pick].any():  # a shape may be hidden under later ones
+            crops.append(crop_prompt(pixels, crop_box(masks[pick], _uniform(generator, 0.05, 0.4)), processor))
+            crop_owners.append(b), crop_kinds.append(KINDS.index(shapes[pick].kind)), crop_targets.append(masks[pick])
+    return Batch(torch.stack(images), torch.stack(shapes_of), torch.tensor(kinds), torch.cat(crops) if crops else None,
+                 torch.tensor(crop_kinds, dtype=torch.long), torch.tensor(owners + crop_owners),
+                 torch.stack(targets + crop_targets))
+
+
+def train(arch_dict: dict, seed: int, steps: int, batch: int, lr: float, processor: Processor, token_ids: torch.Tensor,
           log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The tiny model's weights trained from `synthetic`'s random ones -> (CLIP state dict, decoder state dict) as the
     published files hold them (same keys, order and dtypes). `token_ids` [len(KINDS), L]: the prompt of each kind."""
@@ -217,36 +264,19 @@ def train(arch_dict: dict, seed: int, steps: int, batch: int, lr: float, side: i
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for step in range(steps):
-        images, scene_shapes, owners, kinds, targets, crops, crop_owners, crop_targets, crop_kinds = [], [], [], [], [], [], [], [], []
-        for b in range(batch):
-            pixels, shapes, masks = random_scene(generator, side)
-            images.append(normalize(pixels, mean, std))
-            scene_shapes.append(torch.stack(masks).any(0))
-            present = {s.kind for s in shapes}
-            absent = [k for k in KINDS if k not in present]
-            named = [(s.kind, m) for s, m in zip(shapes, masks)]
-            for i in torch.randperm(len(absent), generator=generator)[:ABSENT_PROMPTS].tolist():
-                named.append((absent[i], torch.zeros(side, side, dtype=torch.bool)))
-            for kind, mask in named:
-                owners.append(b), kinds.append(KINDS.index(kind)), targets.append(mask)
-            pick = int(torch.randint(len(shapes), (), generator=generator))
-            if masks[pick].any():
-                box = crop_box(masks[pick], _uniform(generator, 0.05, 0.4))
-                crops.append(crop_prompt(pixels, box, side, mean, std))
-                crop_owners.append(b), crop_targets.append(masks[pick]), crop_kinds.append(KINDS.index(shapes[pick].kind))
+        drawn = draw_batch(generator, batch, processor)
         text = reference.encode_text(weights, arch, token_ids)["conditional_embeddings"]
-        conditions = [text[torch.tensor(kinds)]]
-        if crops:
-            conditions.append(reference.encode_image(weights, arch, torch.cat(crops))["pooled_output"])
-        logits = forward(weights, arch, torch.stack(images), torch.tensor(owners + crop_owners), torch.cat(conditions))
-        everything = torch.stack(scene_shapes)[torch.tensor(owners + crop_owners)].float()
-        loss = loss_fn(logits, torch.stack(targets + crop_targets).float(), everything)
-        if crops:
+        conditions = [text[drawn.kinds]]
+        if drawn.crops is not None:
+            conditions.append(reference.encode_image(weights, arch, drawn.crops)["pooled_output"])
+        logits = forward(weights, arch, drawn.images, drawn.owners, torch.cat(conditions))
+        loss = loss_fn(logits, drawn.targets.float(), drawn.shapes[drawn.owners].float())
+        if drawn.crops is not None:
             # CLIP's own objective, over the kinds: each crop's embedding nearest its kind's caption among all captions.
             # It keeps the captions apart (else the decoder learns to ignore them) and lets an image prompt act as the
             # text naming what it shows.
             similarity = F.normalize(conditions[1], dim=-1) @ F.normalize(text, dim=-1).T
-            loss = loss + F.cross_entropy(ALIGN_SCALE * similarity, torch.tensor(crop_kinds))
+            loss = loss + F.cross_entropy(ALIGN_SCALE * similarity, drawn.crop_kinds)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(weights.values(), 1.0)
@@ -272,28 +302,33 @@ def iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(directory: Path, arch: Architecture, scenes: int, seed: int, side: int, mean, std) -> dict[str, float]:
-    """Scores on `scenes` held-out scenes of the model in `directory`'s clip.pt and weights.zip, run by the reference:
-    mean IoU of the masks (logit > 0) for text prompts naming a present shape and for image prompts, and the share of
-    pixels marked for a prompt naming an absent shape."""
+def evaluate(directory: Path, arch: Architecture, scenes: int, seed: int, processor: Processor) -> dict[str, float]:
+    """Scores on `scenes` held-out scenes of the model in `directory`'s clip.pt and weights.zip, run by the reference
+    on inputs prepared as the pipeline prepares them (`clipseg_pipeline.inputs`): mean IoU of the masks (logit > 0)
+    for text prompts naming a present shape and for image prompts (a crop around each shape), and the share of pixels
+    marked for a prompt naming an absent shape."""
     tensors = load_sources(directory)
     tok = inputs.tokenizer(directory)
+    size, mean, std = processor.image_size, processor.image_mean, processor.image_std
     generator = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
     text_ious, image_ious, absent_share = [], [], []
-    for _ in range(scenes):
-        pixels, shapes, masks = random_scene(generator, side)
+    for index in range(scenes):
+        pixels, shapes, masks = random_scene(generator, size)
         present = {s.kind for s in shapes}
         absent = [k for k in KINDS if k not in present]
         absent_kind = absent[int(torch.randint(len(absent), (), generator=generator))]
         prompts = [prompt(*s.kind) for s in shapes] + [prompt(*absent_kind)]
         ids = inputs.token_ids(tok, prompts)["input_ids"]
-        image = normalize(pixels, mean, std).unsqueeze(0)
+        scene = Image.fromarray(pixels.numpy())
+        image = inputs.pixel_values(scene, size, mean, std)
         logits = reference.reference_forward(tensors, arch, image, ids)["logits"]
         text_ious += [iou(l > MASK_THRESHOLD, m) for l, m in zip(logits, masks) if m.any()]
         absent_share.append(float((logits[-1] > MASK_THRESHOLD).float().mean()))
-        crops = [crop_prompt(pixels, crop_box(m, 0.2), side, mean, std) for m in masks if m.any()]
-        image_logits = reference.image_prompt_forward(tensors, arch, image, torch.cat(crops))["logits"]
-        image_ious += [iou(l > MASK_THRESHOLD, m) for l, m in zip(image_logits, [m for m in masks if m.any()])]
+        visible = [m for m in masks if m.any()]
+        crops = inputs.prompt_pixel_values(scene, [crop_box(m, 0.2) for m in visible], size, mean, std,
+                                           f"held-out scene {index}")
+        image_logits = reference.image_prompt_forward(tensors, arch, image, crops)["logits"]
+        image_ious += [iou(l > MASK_THRESHOLD, m) for l, m in zip(image_logits, visible)]
     return {"text_prompt_miou": round(sum(text_ious) / len(text_ious), 4),
             "image_prompt_miou": round(sum(image_ious) / len(image_ious), 4),
             "absent_prompt_pixel_share": round(sum(absent_share) / len(absent_share), 4),
@@ -304,9 +339,10 @@ def load_sources(directory: Path) -> dict[str, torch.Tensor]:
     """The original tensors of clip.pt and weights.zip in `directory`, read by the pipeline's own readers (the decoder
     unpacked from the zip into a temporary folder, as the download stage unpacks it)."""
     with tempfile.TemporaryDirectory() as tmp:
-        decoder = original.extract_member(directory / "weights.zip", DECODER_MEMBER, Path(tmp) / DECODER_MEMBER, 1 << 30)
-        return {**original.load_clip(directory / "clip.pt", pinned=True, max_bytes=1 << 30),
-                **original.load_decoder(decoder, max_bytes=1 << 30)}
+        decoder = original.extract_member(directory / "weights.zip", DECODER_MEMBER, Path(tmp) / DECODER_MEMBER,
+                                          MAX_SOURCE_BYTES)
+        return {**original.load_clip(directory / "clip.pt", pinned=True, max_bytes=MAX_SOURCE_BYTES),
+                **original.load_decoder(decoder, max_bytes=MAX_SOURCE_BYTES)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +365,6 @@ def write(out: Path, seed: int, steps: int, batch: int, lr: float, eval_scenes: 
     """Train, write every file into a staging folder, score it, then move the files into `out`."""
     torch.set_num_threads(threads)
     processor = load_params().processor
-    side, mean, std = processor.image_size, processor.image_mean, processor.image_std
     arch_dict = architecture()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,13 +373,13 @@ def write(out: Path, seed: int, steps: int, batch: int, lr: float, eval_scenes: 
         synthetic.write_tokenizer_files(staging, WORDS)
         ids = inputs.token_ids(inputs.tokenizer(staging), [prompt(*k) for k in KINDS])["input_ids"]
         started = time.perf_counter()
-        clip, decoder = train(arch_dict, seed, steps, batch, lr, side, mean, std, ids)
+        clip, decoder = train(arch_dict, seed, steps, batch, lr, processor, ids)
         seconds = time.perf_counter() - started
         synthetic.write_clip_torchscript(clip, staging / "clip.pt")
         synthetic.write_decoder_zip(decoder, staging / "weights.zip", DECODER_MEMBER)
-        pixels, _ = reference_image(side)
+        pixels, _ = reference_image(processor.image_size)
         synthetic.write_jpeg(pixels, staging / "image.jpg")
-        scores = evaluate(staging, Architecture.from_mapping(arch_dict), eval_scenes, seed, side, mean, std)
+        scores = evaluate(staging, Architecture.from_mapping(arch_dict), eval_scenes, seed, processor)
         files = {name: staging / file for name, file in synthetic.SOURCE_NAMES.items()}
         record = {
             "seed": seed, "steps": steps, "batch": batch, "lr": lr, "threads": threads, "architecture": arch_dict,
