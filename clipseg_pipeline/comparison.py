@@ -50,25 +50,22 @@ class Origin:
     setting: str = ""  # a config.json setting that shapes it too
 
 
-def _tower(tower: str, blocks: str) -> tuple[Origin, ...]:
-    block = rf"{blocks}transformer\.resblocks\.(\d+)"
-    return (
-        Origin(f"{tower}.block{{0}}.norm1",     rf"{block}\.ln_1"),
-        Origin(f"{tower}.block{{0}}.attention", rf"{block}\.attn"),
-        Origin(f"{tower}.block{{0}}.norm2",     rf"{block}\.ln_2"),
-        Origin(f"{tower}.block{{0}}.mlp",       rf"{block}\.mlp"),
-        Origin(f"{tower}.block{{0}}",           block),
-    )  # fmt: skip
-
-
 ORIGINS: tuple[Origin, ...] = (
     Origin("vision.embeddings",          r"visual\.(?:conv1|class_embedding|positional_embedding)"),
     Origin("vision.pre_norm",            r"visual\.ln_pre"),
-    *_tower("vision", r"visual\."),
+    Origin("vision.block{0}.norm1",      r"visual\.transformer\.resblocks\.(\d+)\.ln_1"),
+    Origin("vision.block{0}.attention",  r"visual\.transformer\.resblocks\.(\d+)\.attn"),
+    Origin("vision.block{0}.norm2",      r"visual\.transformer\.resblocks\.(\d+)\.ln_2"),
+    Origin("vision.block{0}.mlp",        r"visual\.transformer\.resblocks\.(\d+)\.mlp"),
+    Origin("vision.block{0}",            r"visual\.transformer\.resblocks\.(\d+)"),
     Origin("vision.post_norm",           r"visual\.ln_post"),
     Origin("pooled_output",              r"visual\.proj", probe=""),
     Origin("text.embeddings",            r"token_embedding|positional_embedding"),
-    *_tower("text", ""),
+    Origin("text.block{0}.norm1",        r"transformer\.resblocks\.(\d+)\.ln_1"),
+    Origin("text.block{0}.attention",    r"transformer\.resblocks\.(\d+)\.attn"),
+    Origin("text.block{0}.norm2",        r"transformer\.resblocks\.(\d+)\.ln_2"),
+    Origin("text.block{0}.mlp",          r"transformer\.resblocks\.(\d+)\.mlp"),
+    Origin("text.block{0}",              r"transformer\.resblocks\.(\d+)"),
     Origin("text.final_norm",            r"ln_final"),
     # The text model picks the pooled token inline, not in a module: what enters the projection is that pick.
     Origin("text.pooled",                r"text_projection", probe="input",
@@ -219,12 +216,12 @@ def reference_outputs(original: Mapping[str, torch.Tensor], arch: Architecture, 
     prompts = input_ids.shape[0]
     with torch.inference_mode():
         out = reference_forward(original, arch, pixel_values, input_ids, dtype)
-    out = {name: t.expand(prompts, *t.shape[1:]) if t.shape[0] == 1 else t for name, t in out.items()}
+    out = {name: t.expand(prompts, *t.shape[1:]) for name, t in out.items()}  # a view: one row stays one row
     return mask_padding(out, attention_mask)
 
 
 def _record(store: dict[str, torch.Tensor], entry: str, takes_input: bool):
-    def hook(module, args, output=None):  # a pre-hook gets no output
+    def hook(module, args, output):
         value = args[0] if takes_input else output
         store[entry] = (value[0] if isinstance(value, tuple) else value).detach()  # attention also returns weights
 
@@ -244,15 +241,13 @@ def traced_forward(model, known: Mapping[str, Entry], pixel_values: torch.Tensor
     handles = []
     for module_name, module in model.named_modules():
         for entry in probes.get(module_name, ()):
-            takes_input = entry.probe == "input"
-            register = module.register_forward_pre_hook if takes_input else module.register_forward_hook
-            handles.append(register(_record(captured, entry.name, takes_input)))
+            handles.append(module.register_forward_hook(_record(captured, entry.name, entry.probe == "input")))
     try:
         out = hf_outputs(model, pixel_values, input_ids, attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    captured = {name: t.expand(prompts, *t.shape[1:]) if t.shape[0] == 1 else t for name, t in captured.items()}
+    captured = {name: t.expand(prompts, *t.shape[1:]) for name, t in captured.items()}
     return mask_padding(captured | out, attention_mask)
 
 
@@ -371,7 +366,7 @@ def checks(kind: str, converted: Mapping[str, torch.Tensor], reference: Mapping[
     for i, what in enumerate(described):
         ours = {name: tensor[i : i + 1] for name, tensor in converted.items()}
         ref = {name: reference[name][i : i + 1] for name in converted}
-        found.append(Check(f"{kind}-{i}", what, tuple(compare(ours, ref, atol, 0.0, outputs=ours)),
+        found.append(Check(f"{kind}-{i}", what, tuple(compare(ours, ref, atol, rtol=0.0)),
                            mask_pixels_differ(ours["logits"], ref["logits"])[0]))
     return found
 
