@@ -94,7 +94,7 @@ def _running(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success it is synced and renamed onto `path`, else removed."""
+    """Open a temporary file beside `path`; on success it is renamed onto `path`, else removed."""
     path = Path(path)
     # Named after this process, so that a later run can tell a killed writer's leftover from a live one's file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -371,7 +371,7 @@ def link_or_copy(source: Path, path: Path) -> str:
         os.link(source, tmp)
     except OSError:  # another filesystem (EXDEV), or one without hard links
         with atomic_output(path) as handle, open(source, "rb") as src:
-            shutil.copyfileobj(src, handle, 8 << 20)
+            shutil.copyfileobj(src, handle)
         return "copy"
     try:
         os.replace(tmp, path)

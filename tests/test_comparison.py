@@ -327,3 +327,18 @@ def test_padding_is_zeroed_in_text_states_only():
     assert masked["text.block0"][0, 2].eq(0).all() and masked["text.block0"][0, :2].eq(1).all()
     assert masked["text.block0"][1].eq(1).all()
     assert masked["text.pooled"].eq(1).all() and masked["decoder.step0"].eq(1).all()  # not per-token text states
+
+
+def test_the_reference_batch_is_each_image_run_alone_in_the_dtype_asked(tiny):
+    from clipseg_pipeline.reference import reference_forward
+    from clipseg_pipeline.tensor_io import TensorFile
+
+    original, arch = TensorFile(tiny.original / "original.safetensors"), architecture(tiny)
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # four images: more than 3 channels
+    ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 7, 2], [1, 8, 2]])
+    got = comparison.reference_batch(original, arch, pixels, ids, torch.float32)
+    for i in (0, 3):
+        alone = reference_forward(original, arch, pixels[i : i + 1], ids[i : i + 1], torch.float32)
+        for name in OUTPUTS:
+            assert got[name].shape[0] == 4 and got[name].dtype == torch.float32
+            assert got[name][i : i + 1].equal(alone[name]), name

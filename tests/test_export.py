@@ -483,5 +483,5 @@ def test_model_card_usage_snippet_runs_as_written(tiny_pipeline, dtype_exports, 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == list(model_card.SNIPPET_PROMPTS)
-    assert all(line.endswith("mask (640, 480)") for line in lines), lines
+    assert all(line.endswith("mask (352, 352)") for line in lines), lines  # the reference image's size
     assert {p.name for p in folder.iterdir()} == EXPORT_FILES, "the snippet must not write into the folder"

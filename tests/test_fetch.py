@@ -1,5 +1,7 @@
 """Tests for stages/fetch.py against tests/http_server.py; no request leaves 127.0.0.1."""
 
+import dataclasses
+import errno
 import hashlib
 import re
 import socket
@@ -7,7 +9,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import requests
 
+from clipseg_pipeline import fetch as fetch_module
 from clipseg_pipeline.fetch import Fetched, FetchError, FetchPolicy, fetch
 from tests.http_server import Fault, Seen, serve
 
@@ -176,7 +180,9 @@ def test_gives_up_after_the_retries(start, tmp_path, fault, reason):
 def test_client_errors_are_final(start, tmp_path, files, faults, status):
     server = start(files, faults)
     url = server.url(PATH)
-    with pytest.raises(FetchError, match=failure(url, f"the server answered HTTP {status}\\..*{HINT}")):
+    hint = "(a 401/403 may mean the file needs a login this pipeline does not do). "
+    with pytest.raises(FetchError, match=failure(url, f"the server answered HTTP {status}\\. Check the URL in params.yaml "
+                                                      f"{re.escape(hint)}{HINT}")):
         run(url, tmp_path)
     assert len(server.requests) == 1
 
@@ -308,3 +314,78 @@ def test_malformed_pin(tmp_path):
 def test_policy_rejects_a_nonpositive_bound():
     with pytest.raises(ValueError, match="max_bytes > 0"):
         FetchPolicy(max_bytes=0)
+
+
+def test_an_unreachable_host_is_named_without_the_urls_credentials(tmp_path):
+    host = f"127.0.0.1:{closed_port()}"
+    with pytest.raises(FetchError) as err:
+        run(f"http://user:s3cret@{host}{PATH}", tmp_path)
+    assert f"could not reach host {host} (connection refused)." in str(err.value)
+    assert "could not reach host user" not in str(err.value)
+
+
+@pytest.mark.parametrize("filename, where", [("/data/model.bin", " /data/model.bin"), (None, "")])
+def test_a_disk_error_names_the_file_when_it_is_known(tmp_path, monkeypatch, filename, where):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied", filename)
+
+    monkeypatch.setattr(fetch_module, "_fetch_local", refuse)
+    with pytest.raises(FetchError) as err:
+        run(str(tmp_path / "local.bin"), tmp_path)
+    assert str(err.value) == (f"source 'weights' ({tmp_path / 'local.bin'}): could not read or write{where} (Permission "
+                              "denied). Check the path and its permissions.")
+
+
+def _response(status: int, headers: dict[str, str]) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+@pytest.mark.parametrize(
+    "headers, offset, total",
+    [
+        ({"Content-Range": "bytes 100-299/300"}, 100, 300),  # no Content-Length: the range's total says it
+        ({"Content-Range": "bytes 100-199/*", "Content-Length": "100"}, 100, 200),  # total unknown: offset + length
+        ({"Content-Range": "bytes 100-199/*"}, 100, None),
+        ({"Content-Length": "300"}, 0, 300),
+        ({}, 0, None),
+    ],
+)
+def test_the_expected_size_comes_from_the_range_first_then_the_length(headers, offset, total):
+    assert fetch_module._expected_size(_response(206 if offset else 200, headers), offset) == total
+
+
+def test_a_resumed_answer_without_a_length_that_ends_early_is_resumed_again(tmp_path, start):
+    # The partial holds the first DROP bytes; the server answers ranges without Content-Length (the body ends when the
+    # connection closes) and hangs up early once: only Content-Range's total shows the body was cut short.
+    partial_of(tmp_path).parent.mkdir(parents=True)
+    partial_of(tmp_path).write_bytes(DATA[:DROP])
+    server = start({PATH: DATA}, {PATH: Fault(drop_after=2 * 1024, omit_length=True, times=1)})
+    assert_downloaded(run(server.url(PATH), tmp_path), tmp_path)
+    assert [seen.range for seen in server.requests] == [f"bytes={DROP}-", f"bytes={DROP + 2 * 1024}-"]
+
+
+def test_a_file_of_exactly_the_size_bound_is_accepted(tmp_path, start):
+    server = start({PATH: DATA})
+    exact = dataclasses.replace(POLICY, max_bytes=len(DATA))
+    assert_downloaded(run(server.url(PATH), tmp_path, policy=exact), tmp_path)
+
+
+def test_the_progress_bar_shows_only_when_asked_and_reaches_the_files_size(tmp_path, start, capsys):
+    server = start({PATH: DATA})
+    run(server.url(PATH), tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
+    run(server.url(PATH), tmp_path / "shown", policy=dataclasses.replace(POLICY, progress=True))
+    final = capsys.readouterr().err.split("\r")[-1]
+    # 10240 bytes in units of 1024 bytes, the rate in bytes per second.
+    assert final.startswith("weights: 100%") and "| 10.0k/10.0k [" in final and "B/s]" in final, final
+
+
+def test_a_pinned_file_of_exactly_the_size_bound_is_not_downloaded_again(tmp_path, start):
+    server = start({PATH: DATA})
+    dest_of(tmp_path).parent.mkdir(parents=True)
+    dest_of(tmp_path).write_bytes(DATA)
+    assert_downloaded(run(server.url(PATH), tmp_path, policy=dataclasses.replace(POLICY, max_bytes=len(DATA))), tmp_path)
+    assert server.requests == []

@@ -228,3 +228,22 @@ def test_the_commit_names_the_project_checkout_not_the_export(folder, tmp_path, 
     with_revision = publish.commit_text(folder, entries, publish.git_revision(checkout))[1]
     assert with_revision.splitlines()[0] == f"{published_from}, git {head} with uncommitted changes."
     assert publish.commit_text(folder, entries, None)[1].splitlines()[0] == f"{published_from}."
+
+
+def test_a_listed_required_file_missing_on_disk_is_named_as_required(folder, no_network):
+    # The manifest still lists the weights; the file is gone: refused for lacking what a model repository needs.
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(publish.PublishError, match=r": lacks \['model.safetensors'\]; a model repository needs them"):
+        publish.check_folder(folder)
+
+
+def test_a_synthetic_export_is_refused_by_default_and_the_manifest_flag_must_be_a_boolean(tiny_pipeline, tmp_path):  # noqa: F811
+    synthetic = copy_export(tiny_pipeline, tmp_path / "hf")
+    with pytest.raises(publish.PublishError, match=r"holds a synthetic model .* or pass --allow-synthetic if you mean to "
+                                                    r"upload this one \(to try publishing, say\)$"):
+        publish.check_folder(synthetic)
+    manifest = json.loads((synthetic / "manifest.json").read_text(encoding="utf-8"))
+    (synthetic / "manifest.json").write_text(json.dumps({**manifest, "synthetic": "yes"}), encoding="utf-8")
+    with pytest.raises(publish.PublishError, match=r"not a readable export manifest \(TypeError\(\"synthetic is 'yes', "
+                                                    r"not true or false\"\)\); export the folder again"):
+        publish.check_folder(synthetic, allow_synthetic=True)

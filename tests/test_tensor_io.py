@@ -149,3 +149,33 @@ def test_sha256_file_is_hashlibs_sha256_of_the_bytes(tmp_path, size):
     path.write_bytes(data)
     assert tensor_io.sha256_file(path, chunk_bytes=64) == hashlib.sha256(data).hexdigest()
     assert tensor_io.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_write_that_fails_is_reported_with_its_path_and_leaves_nothing(tmp_path, monkeypatch):
+    # Any OSError on the way (here the final rename, refused) stops the stage with the path named: never swallowed.
+    path = tmp_path / "out" / "report.json"
+
+    def refuse(source, target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(tensor_io.os, "replace", refuse)
+    with pytest.raises(tensor_io.OutputError) as caught:
+        tensor_io.write_json(path, {"a": 1})
+    assert str(caught.value).startswith(f"{path}: could not write ([Errno 13] Permission denied")
+    assert str(caught.value).endswith("; nothing was written there")
+    assert list(path.parent.iterdir()) == []
+
+
+def test_where_hard_links_fail_the_file_is_copied(tmp_path, monkeypatch):
+    source, path = tmp_path / "source.bin", tmp_path / "out" / "copy.bin"
+    source.write_bytes(bytes(range(256)) * 1000)
+    path.parent.mkdir()
+    path.write_bytes(b"an older version")
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(tensor_io.os, "link", cross_device)
+    assert tensor_io.link_or_copy(source, path) == "copy"
+    assert path.read_bytes() == source.read_bytes() and not path.samefile(source)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["copy.bin"]  # no temporary file left

@@ -104,7 +104,7 @@ def tiny_arch(**changes) -> dict:
 
 
 def full_arch(preset: str) -> dict:
-    """A ViT-B/16 preset at full size. Only the token table shrinks, to the synthetic tokenizer's 626 rows: the
+    """A ViT-B/16 preset at full size. Only the token table shrinks, to the synthetic tokenizer's size: the
     download stage rightly refuses a tokenizer that does not match the model's table (the 49408-row table is never
     read beyond those ids anyway)."""
     arch = synthetic.preset_arch(preset)
