@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import CLIPSegForImageSegmentation
 
 from clipseg_pipeline import name_map
@@ -20,7 +21,8 @@ VARIANT = "clipseg-tiny"
 
 @pytest.fixture(scope="module")
 def remapped() -> dict[str, torch.Tensor]:
-    arch = synthetic.preset_arch("tiny")
+    # Random tensors of the architecture params.yaml declares for the variant (its token table fits its tokenizer).
+    arch = yaml.safe_load(PARAMS.read_text(encoding="utf-8"))["models"][VARIANT]["architecture"]
     original = synthetic.clip_state_dict(arch, seed=0) | synthetic.decoder_state_dict(arch, seed=0)
     target, _ = name_map.remap(original)
     return target

@@ -111,11 +111,13 @@ def dump_yaml(data: dict) -> str:
 
 
 def write_params(tmp_path: Path, sources: dict[str, dict], *, download_params: dict | None = None, model: dict | None = None) -> Path:
-    """The repository's params.yaml building only clipseg-tiny from `sources`; `model` updates the variant's sections."""
+    """The repository's params.yaml building only clipseg-tiny from `sources` (the generator's tiny preset, whose
+    architecture it declares); `model` updates the variant's sections."""
     data = load_yaml(repository_params())
     data["variants"] = [VARIANT]
     data["download"].update(download_params or {})
     data["models"][VARIANT]["sources"] = sources
+    data["models"][VARIANT]["architecture"] = synthetic.preset_arch("tiny")
     for section, changes in (model or {}).items():
         data["models"][VARIANT][section].update(changes)
     path = tmp_path / "params.yaml"

@@ -179,7 +179,7 @@ def test_an_image_prompt_segments_as_the_original_model_would(tiny_pipeline, tmp
     from clipseg_pipeline.tensor_io import TensorFile
 
     image = load_image(tiny_pipeline.original / "image")
-    crop(image, (200, 100, 440, 300), "test").save(tmp_path / "example.png")
+    crop(image, (95, 190, 245, 340), "test").save(tmp_path / "example.png")
     out = tmp_path / "masks"
     done = subprocess.run(
         [sys.executable, "-m", "tools.segment", "--model", str(tiny_pipeline.export), "--image", str(tiny_pipeline.original / "image"),

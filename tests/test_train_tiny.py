@@ -164,3 +164,54 @@ def test_a_batch_asks_for_each_shape_two_absent_kinds_and_one_crop_per_scene():
     for k in range(crops):
         same = [i for i in range(texts) if drawn.targets[i].equal(drawn.targets[texts + k])]
         assert [int(drawn.kinds[i]) for i in same] == [int(drawn.crop_kinds[k])]
+
+
+# --- the committed default ------------------------------------------------------------------------
+
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "synthetic" / "clipseg-tiny"
+
+
+def test_the_committed_default_is_what_the_trainer_recorded_and_params_pin():
+    import yaml
+
+    record = json.loads((COMMITTED / "training.json").read_text())
+    assert record["sha256"] == {name: sha256(COMMITTED / name) for name in synthetic.SOURCE_NAMES.values()}
+    # Written by the trainer's defaults (`--out data/synthetic/clipseg-tiny --seed 0` reproduces it), for the
+    # architecture params.yaml declares.
+    defaults = vars(train_tiny.argument_parser().parse_args(["--out", "x"]))
+    assert {k: record[k] for k in ("seed", "steps", "batch", "lr", "weight_decay", "threads")} == {
+        k: defaults[k] for k in ("seed", "steps", "batch", "lr", "weight_decay", "threads")}
+    tiny = yaml.safe_load((COMMITTED.parents[2] / "params.yaml").read_text())["models"]["clipseg-tiny"]
+    assert record["architecture"] == tiny["architecture"] == train_tiny.architecture()
+    pins = {Path(source["url"]).name: source["sha256"] for source in tiny["sources"].values()}
+    assert pins == {name: digest for name, digest in record["sha256"].items() if name in pins}
+    assert tiny["verify"]["prompts"] == train_tiny.REFERENCE_PROMPTS
+    assert [tuple(box) for box in tiny["verify"]["image_prompts"]] == [train_tiny.REFERENCE_IMAGE_PROMPT]
+    assert sum((COMMITTED / name).stat().st_size for name in record["sha256"]) < 5_000_000
+
+
+def test_the_committed_default_segments_its_reference_image():
+    # The committed files, read by the pipeline's readers and run by the reference on the committed image: each
+    # named shape found, nothing for the prompt naming none, and the image prompt (a crop of the triangle) finds it.
+    from PIL import Image
+
+    from clipseg_pipeline import reference
+    from clipseg_pipeline.architecture import Architecture
+    from clipseg_pipeline.params import load
+
+    processor = load().processor
+    arch = Architecture.from_mapping(train_tiny.architecture())
+    tensors = train_tiny.load_sources(COMMITTED)
+    _, masks = train_tiny.reference_image(processor.image_size)
+    with Image.open(COMMITTED / "image.jpg") as image:
+        scene = image.convert("RGB")
+    pixels = inputs.pixel_values(scene, processor.image_size, processor.image_mean, processor.image_std)
+    ids = inputs.token_ids(inputs.tokenizer(COMMITTED), train_tiny.REFERENCE_PROMPTS)["input_ids"]
+    with torch.inference_mode():
+        logits = reference.reference_forward(tensors, arch, pixels, ids)["logits"]
+        crop = inputs.prompt_pixel_values(scene, [train_tiny.REFERENCE_IMAGE_PROMPT], processor.image_size,
+                                          processor.image_mean, processor.image_std, "the image prompt")
+        image_logits = reference.image_prompt_forward(tensors, arch, pixels, crop)["logits"]
+    assert all(train_tiny.iou(l > 0, m) > 0.7 for l, m in zip(logits, masks))
+    assert (logits[3] > 0).float().mean() < 0.01
+    assert train_tiny.iou(image_logits[0] > 0, masks[2]) > 0.7

@@ -4,10 +4,10 @@ Writes what the download stage would fetch for a real variant (docs/original-for
 an OpenAI CLIP TorchScript archive with mixed fp16/fp32 weights, a zip holding a decoder state dict
 saved with `torch.save`, a CLIP-style byte-level BPE tokenizer (Hugging Face `vocab.json` +
 `merges.txt` and OpenAI's `bpe_simple_vocab_16e6.txt.gz`) and a JPEG. The same seed gives the same
-bytes. Serves the `clipseg-tiny` variant, test fixtures and the full-size benchmark (tools.train_tiny trains its tiny
-preset on scenes of coloured shapes).
+bytes. Serves the test fixtures and the full-size benchmark; the `clipseg-tiny` default is its tiny preset trained on
+scenes of coloured shapes by tools.train_tiny.
 
-    python -m tools.synthetic --out data/synthetic/clipseg-tiny --preset tiny --seed 0
+    python -m tools.synthetic --out /tmp/tiny --preset tiny --seed 0
 """
 
 from __future__ import annotations

@@ -394,7 +394,7 @@ def write(out: Path, seed: int, steps: int, batch: int, lr: float, weight_decay:
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.train_tiny",
         description="Train the clipseg-tiny default model on synthetic scenes of coloured shapes and write its source "
@@ -408,7 +408,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="AdamW decoupled weight decay (default 0.1: keeps the decoder's attention scores from growing)")
     parser.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes scored (default 200)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads; the bytes depend on it (default 2)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
     record = write(args.out, args.seed, args.steps, args.batch, args.lr, args.weight_decay, args.eval_scenes, args.threads)
     for name, digest in record["sha256"].items():
         print(f"{digest}  {args.out / name}")
