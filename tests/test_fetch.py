@@ -389,3 +389,25 @@ def test_a_pinned_file_of_exactly_the_size_bound_is_not_downloaded_again(tmp_pat
     dest_of(tmp_path).write_bytes(DATA)
     assert_downloaded(run(server.url(PATH), tmp_path, policy=dataclasses.replace(POLICY, max_bytes=len(DATA))), tmp_path)
     assert server.requests == []
+
+
+def test_retries_back_off_exponentially_and_give_up_without_a_last_wait(tmp_path, start, monkeypatch):
+    waits = []
+    monkeypatch.setattr(fetch_module.time, "sleep", waits.append)
+    server = start({PATH: DATA}, {PATH: Fault(status=503)})
+    with pytest.raises(FetchError, match="gave up after 4 attempts"):
+        run(server.url(PATH), tmp_path, policy=dataclasses.replace(POLICY, retries=3, backoff_s=0.5))
+    assert waits == [0.5, 1.0, 2.0] and len(server.requests) == 4
+
+
+def test_giving_up_names_how_far_the_last_attempt_got(start, tmp_path):
+    # A resumed download whose answers (no Content-Length) each end 2 KiB into the body: only the range's total shows it.
+    partial_of(tmp_path).parent.mkdir(parents=True)
+    partial_of(tmp_path).write_bytes(DATA[:DROP])
+    server = start({PATH: DATA}, {PATH: Fault(drop_after=2048, omit_length=True)})
+    url = server.url(PATH)
+    reached = DROP + 3 * 2048
+    with pytest.raises(FetchError, match=failure(url, "gave up after 3 attempts \\(last: connection dropped after "
+                                                      f"{reached} of {len(DATA)} bytes\\); the bytes received so far are kept")):
+        run(url, tmp_path, policy=dataclasses.replace(POLICY, retries=2))
+    assert partial_of(tmp_path).read_bytes() == DATA[:reached]
