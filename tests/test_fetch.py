@@ -221,7 +221,9 @@ def test_malformed_url(tmp_path, url):
 def test_hash_mismatch_deletes_the_download(start, tmp_path):
     server = start({PATH: DATA})
     url = server.url(PATH)
-    problem = f"sha256 mismatch: expected {WRONG_SHA}, got {SHA}; the download was deleted.*update the sha256"
+    problem = (f"sha256 mismatch: expected {WRONG_SHA}, got {SHA}; the download was deleted. Check that the mirror "
+               "serves the right file or, if the file legitimately changed, update the sha256 pin in params.yaml. "
+               + re.escape(HINT))
     with pytest.raises(FetchError, match=failure(url, problem)):
         run(url, tmp_path, WRONG_SHA)
     assert_nothing_left(tmp_path)
@@ -411,3 +413,20 @@ def test_giving_up_names_how_far_the_last_attempt_got(start, tmp_path):
                                                       f"{reached} of {len(DATA)} bytes\\); the bytes received so far are kept")):
         run(url, tmp_path, policy=dataclasses.replace(POLICY, retries=2))
     assert partial_of(tmp_path).read_bytes() == DATA[:reached]
+
+
+def test_every_request_asks_for_the_file_itself_not_a_compressed_copy(tmp_path, start, monkeypatch):
+    # Byte offsets, Content-Length and the hash are all about the file's own bytes: a gzip of it would break all three.
+    asked = []
+    get = requests.Session.get
+
+    def spy(self, url, **kwargs):
+        asked.append(requests.structures.CaseInsensitiveDict(kwargs["headers"]))
+        return get(self, url, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "get", spy)
+    partial_of(tmp_path).parent.mkdir(parents=True)
+    partial_of(tmp_path).write_bytes(DATA[:DROP])
+    server = start({PATH: DATA})
+    assert_downloaded(run(server.url(PATH), tmp_path), tmp_path)
+    assert [(h["Accept-Encoding"], h.get("Range")) for h in asked] == [("identity", f"bytes={DROP}-")]

@@ -179,3 +179,12 @@ def test_where_hard_links_fail_the_file_is_copied(tmp_path, monkeypatch):
     assert tensor_io.link_or_copy(source, path) == "copy"
     assert path.read_bytes() == source.read_bytes() and not path.samefile(source)
     assert sorted(p.name for p in path.parent.iterdir()) == ["copy.bin"]  # no temporary file left
+
+
+def test_without_a_safe_liveness_probe_every_writer_counts_as_running(monkeypatch):
+    # os.kill(pid, 0) is a probe on POSIX only (elsewhere it would end the process): a temp file is then kept.
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    assert tensor_io._running(dead) is False
+    monkeypatch.setattr(tensor_io.os, "name", "nt")
+    assert tensor_io._running(dead) is True
