@@ -188,3 +188,25 @@ def test_without_a_safe_liveness_probe_every_writer_counts_as_running(monkeypatc
     assert tensor_io._running(dead) is False
     monkeypatch.setattr(tensor_io.os, "name", "nt")
     assert tensor_io._running(dead) is True
+
+
+def test_a_live_writers_temp_file_is_kept_and_the_writer_left_alone(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writer:
+        try:
+            live = tmp_path / f".{path.name}.{writer.pid}{tensor_io.TEMP_SUFFIX}"
+            live.write_bytes(b"half")
+            tensor_io.remove_stale_temps(path)
+            assert live.exists()
+            with pytest.raises(subprocess.TimeoutExpired):  # still running: the probe sent no signal that ends it
+                writer.wait(timeout=0.5)
+        finally:
+            writer.kill()
+
+
+def test_another_users_process_counts_as_running(monkeypatch):
+    def not_yours(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tensor_io.os, "kill", not_yours)
+    assert tensor_io._running(1) is True
