@@ -342,3 +342,17 @@ def test_the_reference_batch_is_each_image_run_alone_in_the_dtype_asked(tiny):
         for name in OUTPUTS:
             assert got[name].shape[0] == 4 and got[name].dtype == torch.float32
             assert got[name][i : i + 1].equal(alone[name]), name
+
+
+def test_the_failure_message_lists_several_failures_apart():
+    reference = {name: torch.zeros(2, 1, 2) for name in OUTPUTS}
+    converted = {**reference, "logits": torch.tensor([[[0.0, 0.5]], [[0.25, 0.0]]]),
+                 "pooled_output": torch.tensor([[[0.125, 0.0]], [[0.0, 0.0]]])}
+    uses = comparison.checks("batch", converted, reference, [{"image": "a"}, {"image": "b"}], atol=1e-4)
+    message = comparison.failure_message(comparison.compare(converted, reference, atol=1e-4, rtol=1e-4), {}, ENTRIES, uses)
+    assert message.startswith("the converted model differs from the reference in logits (max abs diff 0.5 > tolerance "
+                              "0.0001), pooled_output (max abs diff 0.125 > tolerance 0.0001). First divergence")
+    assert message.endswith(
+        "; used otherwise, the converted model differs from the reference in batch-0 {'image': 'a'} (logits: max abs diff "
+        "0.5 > tolerance 0.0001, pooled_output: max abs diff 0.125 > tolerance 0.0001; 1 mask pixels differ), batch-1 "
+        "{'image': 'b'} (logits: max abs diff 0.25 > tolerance 0.0001; 1 mask pixels differ)")
