@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,28 @@ def test_another_users_process_counts_as_running(monkeypatch):
 
     monkeypatch.setattr(tensor_io.os, "kill", not_yours)
     assert tensor_io._running(1) is True
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        ({"a": tensor_io.Spec("F32", (3,))}, "tensor 'a' reads back as F32 [2]"),  # the shape alone differs
+        ({"a": tensor_io.Spec("F16", (2,))}, "tensor 'a' reads back as F32 [2]"),  # the dtype alone differs
+        ({"a": tensor_io.Spec("F32", (2,)), "b": tensor_io.Spec("F32", (1,))},
+         "re-reading found keys ['b'] differing from those written"),
+    ],
+)
+def test_a_file_that_does_not_read_back_as_written_is_refused_by_name(tmp_path, specs, message):
+    # The writer's self-check, fed a spec the file does not meet (as a writer bug would leave it).
+    path = tmp_path / "t.safetensors"
+    tensor_io.write_safetensors(path, {"a": torch.zeros(2)})
+    with pytest.raises(tensor_io.OutputError) as caught:
+        tensor_io._verify_written(path, specs)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_a_written_file_that_does_not_parse_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(tensor_io.OutputError, match=rf"^{re.escape(str(path))}: the written file does not parse as safetensors \("):
+        tensor_io._verify_written(path, {"a": tensor_io.Spec("F32", (2,))})
