@@ -309,7 +309,8 @@ def test_unsupported_scheme_lists_the_accepted_forms(tmp_path, url):
 
 
 def test_malformed_pin(tmp_path):
-    with pytest.raises(FetchError, match=failure("model.bin", "the sha256 pin 'abc' is not 64 hex digits")):
+    with pytest.raises(FetchError, match=failure("model.bin", "the sha256 pin 'abc' is not 64 hex digits. Set it in params.yaml to the "
+                                                            "file's sha256, or to null to record it on the next download.$")):
         run("model.bin", tmp_path, "abc")
 
 
