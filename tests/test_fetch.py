@@ -384,6 +384,11 @@ def test_the_progress_bar_shows_only_when_asked_and_reaches_the_files_size(tmp_p
     final = capsys.readouterr().err.split("\r")[-1]
     # 10240 bytes in units of 1024 bytes, the rate in bytes per second.
     assert final.startswith("weights: 100%") and "| 10.0k/10.0k [" in final and "B/s]" in final, final
+    # A resumed download's bar starts at the bytes already there and ends at 100% too.
+    partial_of(tmp_path / "resumed").parent.mkdir(parents=True)
+    partial_of(tmp_path / "resumed").write_bytes(DATA[:DROP])
+    run(server.url(PATH), tmp_path / "resumed", policy=dataclasses.replace(POLICY, progress=True))
+    assert capsys.readouterr().err.split("\r")[-1].startswith("weights: 100%")
 
 
 def test_a_pinned_file_of_exactly_the_size_bound_is_not_downloaded_again(tmp_path, start):
