@@ -336,11 +336,11 @@ def test_the_reference_batch_is_each_image_run_alone_in_the_dtype_asked(tiny):
     original, arch = TensorFile(tiny.original / "original.safetensors"), architecture(tiny)
     pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # four images: more than 3 channels
     ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 7, 2], [1, 8, 2]])
-    got = comparison.reference_batch(original, arch, pixels, ids, torch.float32)
+    got = comparison.reference_batch(original, arch, pixels, ids, torch.float64)
     for i in (0, 3):
-        alone = reference_forward(original, arch, pixels[i : i + 1], ids[i : i + 1], torch.float32)
+        alone = reference_forward(original, arch, pixels[i : i + 1], ids[i : i + 1], torch.float64)
         for name in OUTPUTS:
-            assert got[name].shape[0] == 4 and got[name].dtype == torch.float32
+            assert got[name].shape[0] == 4 and got[name].dtype == torch.float64
             assert got[name][i : i + 1].equal(alone[name]), name
 
 

@@ -123,7 +123,8 @@ def test_dry_run_finds_the_variants_folder_by_default(folder, no_network, monkey
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda f: (f / "config.json").write_text("{}", encoding="utf-8"), r"does not match its manifest.json: .*changed \['config.json'\]"),
+        (lambda f: (f / "config.json").write_text("{}", encoding="utf-8"), r"does not match its manifest.json: unlisted \[\], missing \[\], changed \['config.json'\]\. Refusing to "
+                                                                             r"publish; export the folder again \(or remove what does not belong there\)$"),
         (lambda f: (f / "notes.txt").write_text("x", encoding="utf-8"), r"unlisted \['notes.txt'\]"),
         (lambda f: (f / "vocab.json").unlink(), r"missing \['vocab.json'\]"),
         (lambda f: (f / "manifest.json").unlink(), r"manifest.json: no manifest; this is not an export folder"),
