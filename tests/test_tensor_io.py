@@ -236,3 +236,21 @@ def test_a_written_file_that_does_not_parse_is_refused(tmp_path):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(tensor_io.OutputError, match=rf"^{re.escape(str(path))}: the written file does not parse as safetensors \("):
         tensor_io._verify_written(path, {"a": tensor_io.Spec("F32", (2,))})
+
+
+def test_the_hash_computed_while_writing_many_tensors_is_the_files_hash(tmp_path):
+    # Many chunks queued to the hashing thread: they must be hashed one at a time, in the order they were written.
+    tensors = {f"t{i:03d}": torch.full((16384,), float(i)) for i in range(200)}
+    path = tmp_path / "many.safetensors"
+    assert tensor_io.write_safetensors(path, tensors, sha256=True) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_written_file_that_fails_its_read_back_is_removed(tmp_path, monkeypatch):
+    def mismatch(path, specs):
+        raise tensor_io.OutputError(f"{path}: tensor 'a' reads back as F16 [2]")
+
+    monkeypatch.setattr(tensor_io, "_verify_written", mismatch)
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(tensor_io.OutputError, match="reads back as F16"):
+        tensor_io.write_safetensors(path, {"a": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
