@@ -254,3 +254,14 @@ def test_a_written_file_that_fails_its_read_back_is_removed(tmp_path, monkeypatc
     with pytest.raises(tensor_io.OutputError, match="reads back as F16"):
         tensor_io.write_safetensors(path, {"a": torch.zeros(2)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_is_written_the_same_way_every_time(tmp_path):
+    # Sorted keys, two-space indentation, UTF-8 text as is, a final newline: the recorded bytes do not depend on the
+    # order a stage built its dict in. NaN is not JSON and is refused.
+    path = tmp_path / "report.json"
+    tensor_io.write_json(path, {"b": [1, 2], "a": "é"})
+    assert path.read_bytes() == '{\n  "a": "é",\n  "b": [\n    1,\n    2\n  ]\n}\n'.encode("utf-8")
+    with pytest.raises(ValueError):
+        tensor_io.write_json(tmp_path / "nan.json", {"x": float("nan")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
