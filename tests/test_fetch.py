@@ -416,7 +416,9 @@ def test_giving_up_names_how_far_the_last_attempt_got(start, tmp_path):
     url = server.url(PATH)
     reached = DROP + 3 * 2048
     with pytest.raises(FetchError, match=failure(url, "gave up after 3 attempts \\(last: connection dropped after "
-                                                      f"{reached} of {len(DATA)} bytes\\); the bytes received so far are kept")):
+                                                      f"{reached} of {len(DATA)} bytes\\); the bytes received so far are kept and the "
+                                                      "next run resumes them. Check that the host is up, or raise "
+                                                      "download.timeout_s / download.retries in params.yaml.")):
         run(url, tmp_path, policy=dataclasses.replace(POLICY, retries=2))
     assert partial_of(tmp_path).read_bytes() == DATA[:reached]
 

@@ -265,3 +265,18 @@ def test_json_is_written_the_same_way_every_time(tmp_path):
     with pytest.raises(ValueError):
         tensor_io.write_json(tmp_path / "nan.json", {"x": float("nan")})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_a_hard_link_is_made_where_possible_and_a_failed_rename_leaves_nothing(tmp_path, monkeypatch):
+    source, path = tmp_path / "source.bin", tmp_path / "linked.bin"
+    source.write_bytes(b"weights")
+    assert tensor_io.link_or_copy(source, path) == "link" and path.samefile(source)
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tensor_io.os, "replace", refuse)
+    with pytest.raises(tensor_io.OutputError) as caught:
+        tensor_io.link_or_copy(source, tmp_path / "other.bin")
+    assert str(caught.value) == f"{tmp_path / 'other.bin'}: could not write ([Errno 13] Permission denied); nothing was written there"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.bin", "source.bin"]
