@@ -69,8 +69,8 @@ def check_folder(folder: Path, allow_synthetic: bool = False) -> list[FileEntry]
     if synthetic and not allow_synthetic:
         raise PublishError(
             f"{folder} holds a synthetic model (made by this project's generator to test the conversion, not CLIPSeg's "
-            "weights: it segments no real images). Publish a converted published variant, or pass --allow-synthetic if you "
-            "mean to upload this one (to try publishing, say)"
+            "weights: it segments no real images). Publish a converted published variant, or pass --allow-synthetic "
+            "if you mean to upload this one (to try publishing, say)"
         )
     names = {entry.name for entry in listed}
     missing_required = [name for name in REQUIRED_FILES if name not in names or not (folder / name).is_file()]

@@ -14,9 +14,8 @@ scores are computed from the written files, read back by the pipeline's own read
 
     python -m tools.train_tiny --out data/synthetic/clipseg-tiny --seed 0
 
-The tokenizer files and the reference image are the same bytes on every run; the weights are not: two runs of the
-default command on one 2-core machine diverged after about 60 steps (float32 sums in the threaded backward pass) and
-scored 0.69/0.67 and 0.64/0.63 held-out mean IoU. A retrain gives a similar model, not the committed bytes.
+The tokenizer files and the reference image are the same bytes on every run; the weights are not (float32 sums in the
+threaded backward pass): a retrain gives a similar model, not the committed bytes (docs/pipeline.md has the figures).
 """
 
 from __future__ import annotations
