@@ -82,9 +82,10 @@ def test_segment_writes_masks_at_the_upright_image_size(tiny_pipeline, tmp_path,
         with Image.open(out / f"{stem}.mask.png") as mask:
             assert (mask.mode, mask.size) == ("L", (width, height))
             grays = np.asarray(mask)
-        assert grays.min() < grays.max(), "random weights give a noisy mask, never a constant one"
         probs = np.load(out / f"{stem}.npy")
         assert probs.dtype == np.float32 and probs.shape == (height, width)
+        # The model's probabilities, resized: they vary over the image (a constant would be a fill, not an output),
+        # though the mask's grays may all be 0: the prompts name nothing the trained tiny model sees in these pictures.
         assert 0.0 <= probs.min() < probs.max() <= 1.0
         assert np.array_equal(np.round(probs * 255).astype(np.uint8), grays)
         with Image.open(out / f"{stem}.overlay.png") as overlay:

@@ -1,11 +1,12 @@
 """Tests for tools/train_tiny.py: the scenes' geometry, a few training steps, and the committed clipseg-tiny model.
 
-The trainer itself runs minutes; here it trains two steps: enough to prove that it runs, writes the published formats,
+The trainer itself runs minutes; here it trains three steps: enough to prove that it runs, writes the published formats,
 scores what it wrote and repeats its bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ import torch
 
 from clipseg_pipeline import inputs, reference
 from clipseg_pipeline.architecture import Architecture
+from clipseg_pipeline.params import Processor
 from tools import synthetic, train_tiny
 from tools.train_tiny import Shape
 
@@ -89,13 +91,17 @@ def test_iou_counts_two_empty_masks_as_agreeing():
 
 @pytest.fixture(scope="module")
 def trained_twice(tmp_path_factory):
-    """Two runs of the trainer with the same seed (two steps, two scenes a step), each in its own folder."""
+    """Two runs of the trainer with the same settings (three steps of two scenes, the first at LOW_RES, on two threads
+    as by default), each in its own folder. The trainer sets torch's thread count and deterministic mode: restored."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    settings = train_tiny.Settings(steps=3, low_res_steps=1, batch=2, lr=2e-3, threads=2)
     runs = []
     for name in ("a", "b"):
         out = tmp_path_factory.mktemp(name)
-        record = train_tiny.write(out, seed=0, steps=2, batch=2, lr=2e-3, weight_decay=0.1, eval_scenes=2, threads=1)
-        runs.append((out, record))
-    return runs
+        runs.append((out, train_tiny.write(out, settings, eval_scenes=2)))
+    yield runs
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def test_the_trainer_writes_the_published_formats_and_its_record(trained_twice):
@@ -130,7 +136,7 @@ def test_the_same_seed_trains_the_same_bytes(trained_twice):
 
 def test_the_reference_trains_with_autograd():
     # The reference's operations must all be differentiable (no in-place step autograd needs the input of).
-    arch_dict = synthetic.preset_arch("tiny")
+    arch_dict = train_tiny.architecture()
     arch = Architecture.from_mapping(arch_dict)
     weights = {k: t.float().requires_grad_() for k, t in {**synthetic.clip_state_dict(arch_dict, 0),
                                                            **synthetic.decoder_state_dict(arch_dict, 0)}.items()
@@ -139,12 +145,28 @@ def test_the_reference_trains_with_autograd():
     logits = reference.reference_forward(weights, arch, torch.randn(1, 3, 64, 64), ids)["logits"]
     logits.sum().backward()
     assert all(weights[k].grad is not None and weights[k].grad.abs().sum() > 0
-               for k in ("visual.conv1.weight", "token_embedding.weight", "film_mul.weight", "trans_conv.weight"))
+               for k in ("visual.conv1.weight", "token_embedding.weight", "film_mul.weight", "trans_conv.0.weight",
+                         "trans_conv.4.weight"))
+
+
+def test_the_first_low_res_steps_draw_smaller_scenes_and_the_rest_the_processors(monkeypatch):
+    sizes = []
+
+    def draw_batch(generator, scenes, processor):
+        sizes.append(processor.image_size)
+        return drawn(generator, scenes, processor)
+
+    drawn = train_tiny.draw_batch
+    monkeypatch.setattr(train_tiny, "draw_batch", draw_batch)
+    processor = Processor(image_size=SIDE, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    arch_dict = train_tiny.architecture()
+    vocab = arch_dict["text"]["vocab_size"]
+    ids = torch.tensor([[vocab - 2, 5, vocab - 1]] * len(train_tiny.KINDS))
+    train_tiny.train(arch_dict, train_tiny.Settings(steps=3, low_res_steps=2, batch=1), processor, ids, log_every=0)
+    assert sizes == [train_tiny.LOW_RES, train_tiny.LOW_RES, SIDE]
 
 
 def test_a_batch_asks_for_each_shape_two_absent_kinds_and_one_crop_per_scene():
-    from clipseg_pipeline.params import Processor
-
     processor = Processor(image_size=SIDE, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
     generator = torch.Generator().manual_seed(3)
     drawn = train_tiny.draw_batch(generator, 3, processor)
@@ -179,8 +201,9 @@ def test_the_committed_default_is_what_the_trainer_recorded_and_params_pin():
     # Written by the trainer's defaults (`--out data/synthetic/clipseg-tiny --seed 0` reproduces it), for the
     # architecture params.yaml declares.
     defaults = vars(train_tiny.argument_parser().parse_args(["--out", "x"]))
-    assert {k: record[k] for k in ("seed", "steps", "batch", "lr", "weight_decay", "threads")} == {
-        k: defaults[k] for k in ("seed", "steps", "batch", "lr", "weight_decay", "threads")}
+    settings = [field.name for field in dataclasses.fields(train_tiny.Settings)]
+    assert {k: record[k] for k in settings} == {k: defaults[k] for k in settings}
+    assert set(record) == {*settings, "architecture", "held_out", "sha256"}
     tiny = yaml.safe_load((COMMITTED.parents[2] / "params.yaml").read_text())["models"]["clipseg-tiny"]
     assert record["architecture"] == tiny["architecture"] == train_tiny.architecture()
     pins = {Path(source["url"]).name: source["sha256"] for source in tiny["sources"].values()}

@@ -1,11 +1,13 @@
 """Train the clipseg-tiny default: seed -> CLIP + decoder files in the published formats that segment coloured shapes.
 
 Scenes are drawn on the fly: one to four shapes (an ellipse, a square or a triangle, each in one of six colours) on a
-muted background, and their true masks. The model is the synthetic tiny architecture, started from its random
-weights, and every forward pass is the project's reference of the original model (`clipseg_pipeline.reference`, plain
-torch), so training needs nothing from transformers. Each scene conditions the decoder on text prompts naming its
-shapes ("an orange ellipse"), two prompts naming kinds it does not hold (their masks are empty) and one image prompt,
-a crop of the scene around one of its shapes (docs/pipeline.md says why the loss has the terms it has). Every weight is trained, CLIP's too: nothing pretrained is available here.
+muted background, and their true masks. The model is the synthetic tiny architecture with the refined decoder's
+upsampling, started from its random weights; most steps draw scenes at CLIP's own 224 px (a quarter of the time), the
+last ones at the processor's 352 px, the size the pipeline runs at. Every forward pass is the project's reference of
+the original model (`clipseg_pipeline.reference`, plain torch), so training needs nothing from transformers. Each
+scene conditions the decoder on text prompts naming its shapes ("an orange ellipse"), two prompts naming kinds it does
+not hold (their masks are empty) and one image prompt, a crop of the scene around one of its shapes (docs/pipeline.md
+says why the loss has the terms it has). Every weight is trained, CLIP's too: nothing pretrained is available here.
 
 What is written is what `python -m tools.synthetic` writes for a random variant, trained: OpenAI's TorchScript CLIP
 archive (fp16 where OpenAI stores fp16), the decoder zip, the tokenizer files, plus the reference image of the default
@@ -14,13 +16,15 @@ scores are computed from the written files, read back by the pipeline's own read
 
     python -m tools.train_tiny --out data/synthetic/clipseg-tiny --seed 0
 
-The tokenizer files and the reference image are the same bytes on every run; the weights are not (float32 sums in the
-threaded backward pass): a retrain gives a similar model, not the committed bytes (docs/pipeline.md has the figures).
+The same settings give the same bytes again on the same kind of machine and torch build (torch's deterministic
+algorithms keep the threaded backward pass's float32 sums in one order); another CPU or torch version may round
+differently and train a similar model, not the committed bytes. The tokenizer files and the reference image are the same bytes everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -63,6 +67,7 @@ HELD_OUT_SEED_OFFSET = 1_000_000  # held-out scenes come from their own stream, 
 ALIGN_SCALE = 10.0  # CLIP-style temperature of the crop-caption similarities
 MASK_THRESHOLD = 0.0  # logit 0 is sigmoid 0.5, the mask the pipeline draws
 MAX_SOURCE_BYTES = 1 << 30  # the readers' bound on a file's size: far above the tiny model's
+LOW_RES = 224  # CLIP's own input size: a step on scenes this size takes a quarter of the time of one at 352
 
 
 def prompt(colour: str, shape: str) -> str:
@@ -250,22 +255,37 @@ def draw_batch(generator: torch.Generator, scenes: int, processor: Processor) ->
                  torch.stack(targets + crop_targets))
 
 
-def train(arch_dict: dict, seed: int, steps: int, batch: int, lr: float, weight_decay: float, processor: Processor,
-          token_ids: torch.Tensor, log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class Settings:
+    """What a run is given, recorded in training.json; the defaults are the committed model's."""
+
+    seed: int = 0
+    steps: int = 2400
+    low_res_steps: int = 2250  # the first steps draw scenes at LOW_RES, the rest at the size the pipeline runs at
+    batch: int = 6  # scenes a step
+    lr: float = 3e-3  # AdamW's peak learning rate
+    weight_decay: float = 0.1  # AdamW's: keeps the decoder's attention scores from growing (docs/pipeline.md)
+    threads: int = 2
+
+
+def train(arch_dict: dict, settings: Settings, processor: Processor, token_ids: torch.Tensor,
+          log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The tiny model's weights trained from `synthetic`'s random ones -> (CLIP state dict, decoder state dict) as the
     published files hold them (same keys, order and dtypes). `token_ids` [len(KINDS), L]: the prompt of each kind."""
     arch = Architecture.from_mapping(arch_dict)
-    clip = synthetic.clip_state_dict(arch_dict, seed)
-    decoder = synthetic.decoder_state_dict(arch_dict, seed)
+    clip = synthetic.clip_state_dict(arch_dict, settings.seed)
+    decoder = synthetic.decoder_state_dict(arch_dict, settings.seed)
     weights = {k: t.float().requires_grad_() for k, t in {**clip, **decoder}.items() if t.is_floating_point()}
-    optimizer = torch.optim.AdamW(weights.values(), lr=lr, weight_decay=weight_decay, foreach=True)
+    optimizer = torch.optim.AdamW(weights.values(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+    steps = settings.steps
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    low_res = dataclasses.replace(processor, image_size=LOW_RES)
     started = time.perf_counter()
     for step in range(steps):
-        drawn = draw_batch(generator, batch, processor)
+        drawn = draw_batch(generator, settings.batch, low_res if step < settings.low_res_steps else processor)
         text = reference.encode_text(weights, arch, token_ids)["conditional_embeddings"]
         conditions = [text[drawn.kinds]]
         if drawn.crops is not None:
@@ -351,9 +371,12 @@ def load_sources(directory: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 def architecture() -> dict:
-    """The synthetic tiny preset, its token table sized for the tokenizer trained on WORDS."""
+    """The synthetic tiny preset, its token table sized for the tokenizer trained on WORDS, with the refined decoder's
+    upsampling (a 3x3 convolution before two transposed ones): a patch's pixels then see its neighbours, so shapes'
+    edges fall inside patches where they should; the plain one draws a patch from its own features alone."""
     arch = synthetic.preset_arch("tiny")
     arch["text"]["vocab_size"] = synthetic.tokenizer_vocab_size(WORDS)
+    arch["use_complex_transposed_convolution"] = True
     return arch
 
 
@@ -362,10 +385,11 @@ def reference_image(side: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return render(shapes, side)
 
 
-def write(out: Path, seed: int, steps: int, batch: int, lr: float, weight_decay: float, eval_scenes: int,
-          threads: int) -> dict:
+def write(out: Path, settings: Settings, eval_scenes: int) -> dict:
     """Train, write every file into a staging folder, score it, then move the files into `out`."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(settings.threads)
+    # The threaded backward pass's float32 sums in one order: without it two runs part within a dozen steps.
+    torch.use_deterministic_algorithms(True)
     processor = load_params().processor
     arch_dict = architecture()
     out = Path(out)
@@ -375,18 +399,17 @@ def write(out: Path, seed: int, steps: int, batch: int, lr: float, weight_decay:
         synthetic.write_tokenizer_files(staging, WORDS)
         ids = inputs.token_ids(inputs.tokenizer(staging), [prompt(*k) for k in KINDS])["input_ids"]
         started = time.perf_counter()
-        clip, decoder = train(arch_dict, seed, steps, batch, lr, weight_decay, processor, ids)
+        clip, decoder = train(arch_dict, settings, processor, ids)
         # Printed, not recorded: training.json describes the files written, not how long a run took.
         print(f"trained in {time.perf_counter() - started:.0f} s", flush=True)
         synthetic.write_clip_torchscript(clip, staging / "clip.pt")
         synthetic.write_decoder_zip(decoder, staging / "weights.zip", DECODER_MEMBER)
         pixels, _ = reference_image(processor.image_size)
         synthetic.write_jpeg(pixels, staging / "image.jpg")
-        scores = evaluate(staging, Architecture.from_mapping(arch_dict), eval_scenes, seed, processor)
+        scores = evaluate(staging, Architecture.from_mapping(arch_dict), eval_scenes, settings.seed, processor)
         files = {name: staging / file for name, file in synthetic.SOURCE_NAMES.items()}
         record = {
-            "seed": seed, "steps": steps, "batch": batch, "lr": lr, "weight_decay": weight_decay, "threads": threads,
-            "architecture": arch_dict, "held_out": scores,
+            **dataclasses.asdict(settings), "architecture": arch_dict, "held_out": scores,
             "sha256": {path.name: synthetic.sha256_file(path) for path in files.values()},
         }
         (staging / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -401,20 +424,28 @@ def argument_parser() -> argparse.ArgumentParser:
         description="Train the clipseg-tiny default model on synthetic scenes of coloured shapes and write its source "
                     "files (published formats) with training.json (settings, held-out mean IoU, sha256 of each file).")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the sources into")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of every scene (default 0)")
-    parser.add_argument("--steps", type=int, default=850, help="optimizer steps (default 850: about 12 minutes on 2 cores)")
-    parser.add_argument("--batch", type=int, default=6, help="scenes per step (default 6)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (default 0.003)")
-    parser.add_argument("--weight-decay", type=float, default=0.1,
-                        help="AdamW decoupled weight decay (default 0.1: keeps the decoder's attention scores from growing)")
+    default = Settings()
+    parser.add_argument("--seed", type=int, default=default.seed,
+                        help=f"seed of the initial weights and of every scene (default {default.seed})")
+    parser.add_argument("--steps", type=int, default=default.steps,
+                        help=f"optimizer steps (default {default.steps}: about 10 minutes on 2 cores)")
+    parser.add_argument("--low-res-steps", type=int, default=default.low_res_steps,
+                        help=f"how many of the first steps draw scenes at {LOW_RES} px instead of the processor's size, "
+                             f"each in a quarter of the time (default {default.low_res_steps})")
+    parser.add_argument("--batch", type=int, default=default.batch, help=f"scenes per step (default {default.batch})")
+    parser.add_argument("--lr", type=float, default=default.lr, help=f"AdamW peak learning rate (default {default.lr})")
+    parser.add_argument("--weight-decay", type=float, default=default.weight_decay,
+                        help=f"AdamW decoupled weight decay (default {default.weight_decay}: keeps the decoder's "
+                             "attention scores from growing)")
     parser.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes scored (default 200)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=default.threads, help=f"torch threads (default {default.threads})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = argument_parser().parse_args(argv)
-    record = write(args.out, args.seed, args.steps, args.batch, args.lr, args.weight_decay, args.eval_scenes, args.threads)
+    settings = Settings(args.seed, args.steps, args.low_res_steps, args.batch, args.lr, args.weight_decay, args.threads)
+    record = write(args.out, settings, args.eval_scenes)
     for name, digest in record["sha256"].items():
         print(f"{digest}  {args.out / name}")
     held_out = record["held_out"]
