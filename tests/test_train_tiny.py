@@ -188,6 +188,19 @@ def test_a_batch_asks_for_each_shape_two_absent_kinds_and_one_crop_per_scene():
         assert [int(drawn.kinds[i]) for i in same] == [int(drawn.crop_kinds[k])]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--low-res-steps", "2401"], "--low-res-steps must be between 0 and --steps (2400), got 2401"),
+    (["--steps", "10", "--low-res-steps", "-1"], "--low-res-steps must be between 0 and --steps (10), got -1"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--eval-scenes", "0"], "--eval-scenes must be at least 1, got 0"),
+])
+def test_settings_that_cannot_train_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        train_tiny.main(["--out", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- the committed default ------------------------------------------------------------------------
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data" / "synthetic" / "clipseg-tiny"

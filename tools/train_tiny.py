@@ -443,7 +443,13 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch", "eval_scenes", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.low_res_steps <= args.steps:
+        parser.error(f"--low-res-steps must be between 0 and --steps ({args.steps}), got {args.low_res_steps}")
     settings = Settings(args.seed, args.steps, args.low_res_steps, args.batch, args.lr, args.weight_decay, args.threads)
     record = write(args.out, settings, args.eval_scenes)
     for name, digest in record["sha256"].items():
