@@ -1,5 +1,6 @@
 """export-onnx on the tiny pipeline's model: the folder transformers.js loads, the graph's interface and both input
-forms run by onnxruntime, the same bytes from the same inputs, and every way the stage refuses to leave a file."""
+forms run by onnxruntime, the same bytes from the same inputs, and every way the stage refuses to leave a file; and
+on a variant with the plain upsampling the tiny default no longer has."""
 
 from __future__ import annotations
 
@@ -177,3 +178,23 @@ def test_the_side_files_are_exports_own(tiny_pipeline):  # noqa: F811
     # the float32 dtype, as the float32 export's is).
     for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
         assert (tiny_pipeline.onnx / name).read_bytes() == (tiny_pipeline.export / name).read_bytes(), name
+
+
+def test_the_plain_upsampling_exports_and_passes_too(tmp_path):
+    # clipseg-tiny has the refined upsampling; clipseg-rd64 and rd16 the plain one (one transposed convolution). A plain
+    # tiny variant (random weights) taken through verify-outputs, then exported: every file within its tolerances.
+    from tests.test_verify_outputs import build, run_verify, tiny_arch
+
+    built = build(tmp_path / "plain", tiny_arch(), "tiny-uni.pth")
+    verified = run_verify(built, tmp_path / "verify")
+    assert verified.code == 0, verified.stderr
+    out, report = tmp_path / "onnx", tmp_path / "onnx.json"
+    argv = ["--variant", "v", "--params", str(built.params), "--model", str(built.model), "--original", str(built.original),
+            "--reference", str(tmp_path / "verify" / "verify" / "reference.safetensors"),
+            "--verify-report", str(tmp_path / "verify" / "verify.json"), "--out", str(out),
+            "--metrics", str(tmp_path / "onnx.metrics.json"), "--report", str(report)]
+    assert export_onnx.main(argv) == 0
+    files = json.loads(report.read_text())["files"]
+    assert [f["dtype"] for f in files] == list(ONNX_DTYPES) and all(f["worst"]["passed"] for f in files)
+    graph = onnx.load(out / ox.FILES["fp32"])
+    assert [node.op_type for node in graph.graph.node].count("ConvTranspose") == 1  # the refined one has two
