@@ -253,8 +253,8 @@ def test_weights_that_do_not_fit_the_architecture_are_named_not_run(tiny_pipelin
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_an_export_just_beyond_its_tolerance_fails_naming_the_output_and_its_figure(tiny_pipeline, tmp_path, capsys, dtype):  # noqa: F811
     # The built model changed after verify-outputs passed it: the decoder's last bias (the last layer of the refined
-    # upsampling clipseg-tiny has), which adds to every logit alone, moved by three times export.atol. The logits then differ from the reference by that much, give or take the
-    # dtype's rounding (well within the tolerance, as the passing exports show); a pass line even ten times looser
+    # upsampling clipseg-tiny has), which adds to every logit alone, moved by three times export.atol. The logits then
+    # differ from the reference by that much, give or take the dtype's rounding (well within the tolerance, as the passing exports show); a pass line even ten times looser
     # than the tolerance would let this export through.
     from clipseg_pipeline.tensor_io import write_safetensors
 

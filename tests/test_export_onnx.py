@@ -186,13 +186,14 @@ def test_the_plain_upsampling_exports_and_passes_too(tmp_path):
     from tests.test_verify_outputs import build, run_verify, tiny_arch
 
     built = build(tmp_path / "plain", tiny_arch(), "tiny-uni.pth")
-    verified = run_verify(built, tmp_path / "verify")
+    verified = run_verify(built, tmp_path)
     assert verified.code == 0, verified.stderr
     out, report = tmp_path / "onnx", tmp_path / "onnx.json"
-    argv = ["--variant", "v", "--params", str(built.params), "--model", str(built.model), "--original", str(built.original),
-            "--reference", str(tmp_path / "verify" / "verify" / "reference.safetensors"),
-            "--verify-report", str(tmp_path / "verify" / "verify.json"), "--out", str(out),
-            "--metrics", str(tmp_path / "onnx.metrics.json"), "--report", str(report)]
+    argv = built.stage_argv() + [
+        "--model", str(built.model), "--original", str(built.original),
+        "--reference", str(tmp_path / "verify" / "reference.safetensors"), "--verify-report", str(tmp_path / "verify.json"),
+        "--out", str(out), "--metrics", str(tmp_path / "onnx.metrics.json"), "--report", str(report),
+    ]  # fmt: skip
     assert export_onnx.main(argv) == 0
     files = json.loads(report.read_text())["files"]
     assert [f["dtype"] for f in files] == list(ONNX_DTYPES) and all(f["worst"]["passed"] for f in files)

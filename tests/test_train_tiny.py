@@ -231,8 +231,6 @@ def test_the_committed_default_segments_its_reference_image():
     # named shape found, nothing for the prompt naming none, and the image prompt (a crop of the triangle) finds it.
     from PIL import Image
 
-    from clipseg_pipeline import reference
-    from clipseg_pipeline.architecture import Architecture
     from clipseg_pipeline.params import load
 
     processor = load().processor

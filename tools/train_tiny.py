@@ -18,7 +18,8 @@ scores are computed from the written files, read back by the pipeline's own read
 
 The same settings give the same bytes again on the same kind of machine and torch build (torch's deterministic
 algorithms keep the threaded backward pass's float32 sums in one order); another CPU or torch version may round
-differently and train a similar model, not the committed bytes. The tokenizer files and the reference image are the same bytes everywhere.
+differently and train a similar model, not the committed bytes. The tokenizer files and the reference image are the
+same bytes everywhere.
 """
 
 from __future__ import annotations
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.low_res_steps <= args.steps:
         parser.error(f"--low-res-steps must be between 0 and --steps ({args.steps}), got {args.low_res_steps}")
-    settings = Settings(args.seed, args.steps, args.low_res_steps, args.batch, args.lr, args.weight_decay, args.threads)
+    settings = Settings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)})
     record = write(args.out, settings, args.eval_scenes)
     for name, digest in record["sha256"].items():
         print(f"{digest}  {args.out / name}")
